@@ -1,0 +1,33 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.memattn-installed
+
+.PHONY: setup demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The CPU build of torch lies on local disk; a looser pin would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	# Only for the real CLIP BPE vocabulary file it ships (tiny pipelines, tokenizer tests);
+	# --no-deps keeps it from pulling torchvision/timm and a different torch.
+	$(BIN)/pip install -q --no-deps open-clip-torch==3.3.0
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/python -m memattn.demo
+
+test: setup
+	$(BIN)/ruff check memattn tests benchmarks
+	$(BIN)/python -m pytest -q -ra
+
+bench: setup
+	$(BIN)/python benchmarks/probe_overhead.py
+
+clean:
+	rm -rf $(VENV) .cache build dist *.egg-info

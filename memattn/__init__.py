@@ -1,0 +1,44 @@
+"""memattn: find and stop training-data memorization in text-to-image diffusion models by reading
+and steering their cross-attention (after Ren et al., ECCV 2024)."""
+
+from memattn.errors import (
+    LayoutError,
+    MemattnError,
+    ModelNotFoundError,
+    RecordError,
+    UnsupportedModelError,
+)
+from memattn.probe import Trace, trace
+from memattn.record import AttentionRecord
+from memattn.scores import (
+    entropy_curve,
+    layer_entropy_curves,
+    score_d,
+    score_e,
+    summary_entropy_curve,
+    token_mass,
+    trigger_tokens,
+)
+from memattn.tokens import TokenLayout
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionRecord",
+    "LayoutError",
+    "MemattnError",
+    "ModelNotFoundError",
+    "RecordError",
+    "TokenLayout",
+    "Trace",
+    "UnsupportedModelError",
+    "__version__",
+    "entropy_curve",
+    "layer_entropy_curves",
+    "score_d",
+    "score_e",
+    "summary_entropy_curve",
+    "token_mass",
+    "trace",
+    "trigger_tokens",
+]

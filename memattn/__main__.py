@@ -1,0 +1,3 @@
+from memattn.cli import main
+
+main()

@@ -1,0 +1,100 @@
+"""The ``memattn`` command line: thin typer commands over the library."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from memattn.errors import MemattnError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Find training-data memorization in "
+                  "text-to-image diffusion models through their cross-attention.")
+err = Console(stderr=True)
+
+
+@app.callback()
+def _root() -> None:
+    """memattn command line."""
+
+
+@app.command()
+def detect(
+    prompts: Annotated[list[str], typer.Argument(help="Prompts to score.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Local diffusers pipeline directory or hub id.")],
+    scores: Annotated[str, typer.Option(help="Comma-separated scores: d (full generation), e (first step).")] = "d,e",
+    steps: Annotated[int, typer.Option(help="Denoising steps (the paper: 50).")] = 50,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.5,
+    seed: Annotated[int, typer.Option(help="Base seed; prompt i uses seed + i.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Prompts per pipeline call.")] = 8,
+    layer: Annotated[str | None, typer.Option(help="Layer for score E: forward index or diffusers name.")] = None,
+    device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16.")] = "float32",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per prompt.")] = False,
+) -> None:
+    """Score prompts with the paper's detection scores D and E (higher = more memorized)."""
+    from memattn.detect import detect as run_detect
+    from memattn.loading import load_pipeline, parse_dtype
+
+    _quiet_loading()
+    pipe = load_pipeline(model, dtype=parse_dtype(dtype), device=device)
+    chosen_layer: int | str | None = int(layer) if layer is not None and layer.lstrip("-").isdigit() else layer
+    results = run_detect(
+        pipe,
+        prompts,
+        which=[s.strip().lower() for s in scores.split(",") if s.strip()],
+        steps=steps,
+        guidance_scale=guidance,
+        seed=seed,
+        batch_size=batch_size,
+        layer=chosen_layer,
+        progress=not as_json,
+    )
+    for result in results:
+        if result.truncated:
+            err.print(f"[yellow]warning:[/] prompt truncated to 77 tokens: {result.prompt[:60]!r}")
+    if as_json:
+        for result in results:
+            sys.stdout.write(json.dumps({"model": model, **result.to_dict()}) + "\n")
+        return
+    table = Table(title=f"memattn detect — {model}")
+    for column in ("#", "prompt", "D", "E", "tokens", "trigger tokens"):
+        table.add_column(column, overflow="fold")
+    for i, result in enumerate(results):
+        table.add_row(
+            str(i),
+            result.prompt,
+            "-" if result.score_d is None else f"{result.score_d:.4f}",
+            "-" if result.score_e is None else f"{result.score_e:.4f}",
+            f"{result.n_tokens}{'+' if result.truncated else ''}",
+            ", ".join(f"{token} {share:.1%}" for token, share in result.triggers),
+        )
+    Console().print(table)
+
+
+def _quiet_loading() -> None:
+    """Loading bars of diffusers/transformers would bury the command's own output."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+
+
+def main() -> None:
+    """Entry point: library errors become one line on stderr and exit code 2."""
+    try:
+        app()
+    except MemattnError as error:
+        sys.stderr.write(f"error: {error}\n")
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Load a diffusers pipeline from a local directory or a hub id, with one-line errors.
+
+Weights are read from safetensors only (``use_safetensors=True``): memattn never unpickles a file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from memattn.errors import ModelNotFoundError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise ModelNotFoundError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
+
+
+def load_pipeline(model: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Any:
+    """``DiffusionPipeline.from_pretrained`` on a local path, else on a hub id (cache first)."""
+    from diffusers import DiffusionPipeline
+
+    path = Path(model).expanduser()
+    if path.exists():
+        if path.is_file():
+            raise ModelNotFoundError(
+                f"{model} is a single file; pass a diffusers pipeline directory (with model_index.json), "
+                "e.g. one written by `pipe.save_pretrained(DIR)`"
+            )
+        if not (path / "model_index.json").is_file():
+            raise ModelNotFoundError(
+                f"{model} is not a diffusers pipeline directory: model_index.json is missing"
+            )
+        return _from_pretrained(DiffusionPipeline, str(path), model, dtype, device, local_only=True)
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise ModelNotFoundError(f"model {model} not found: no such directory")
+    try:
+        return _from_pretrained(DiffusionPipeline, model, model, dtype, device, local_only=True)
+    except ModelNotFoundError:
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise
+    return _from_pretrained(DiffusionPipeline, model, model, dtype, device, local_only=False)
+
+
+def _from_pretrained(cls: Any, source: str, model: str, dtype: torch.dtype, device: str, *, local_only: bool) -> Any:
+    try:
+        pipe = cls.from_pretrained(source, dtype=dtype, use_safetensors=True, local_files_only=local_only)
+    except (OSError, ValueError, EnvironmentError) as error:
+        text = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if "safetensors" in text.lower():
+            raise ModelNotFoundError(
+                f"model {model} has no safetensors weights ({text}); memattn never unpickles .bin/.ckpt "
+                "files: convert them to safetensors first"
+            ) from None
+        raise ModelNotFoundError(
+            f"model {model} not found locally; pass a local path to a diffusers pipeline directory, or a "
+            "hub id that is cached or reachable from this machine"
+        ) from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)

@@ -1,0 +1,230 @@
+"""Tiny Stable Diffusion pipelines built from configs in code, with the real classes.
+
+They have random weights (so their scores mean nothing) but the same structure, tokenizers, padding
+conventions and batch layouts as SD1.x, SD2.x and SDXL: every memattn code path runs on them here,
+where real weights cannot be downloaded. The tokenizer is the real CLIP BPE vocabulary, read from the
+file that ``open-clip-torch`` ships (installed with ``pip install --no-deps open-clip-torch``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import os
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from memattn.errors import MemattnError
+
+Kind = Literal["sd1", "sd2", "sdxl"]
+VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
+
+
+def clip_vocab_path() -> Path:
+    """The OpenAI CLIP BPE file shipped by open_clip, found without importing open_clip (and torch)."""
+    spec = importlib.util.find_spec("open_clip")
+    path = Path(spec.origin).parent / VOCAB_FILE if spec and spec.origin else None
+    if path is None or not path.is_file():
+        raise MemattnError(
+            f"the CLIP BPE vocabulary ({VOCAB_FILE}) was not found; install it with "
+            "`pip install --no-deps open-clip-torch`"
+        )
+    return path
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2/CLIP table mapping the 256 byte values to printable unicode symbols, in id order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in codes]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MEMATTN_CACHE", Path.home() / ".cache" / "memattn"))
+
+
+@lru_cache(maxsize=1)
+def clip_tokenizer_dir() -> Path:
+    """A ``vocab.json`` + ``merges.txt`` directory for ``CLIPTokenizer``, built once from the BPE file.
+
+    Same construction as OpenAI's SimpleTokenizer: 48,894 merges, 49,408 ids (BOS 49406, EOS 49407).
+    """
+    target = cache_dir() / "clip-bpe"
+    if (target / "vocab.json").is_file() and (target / "merges.txt").is_file():
+        return target
+    lines = gzip.open(clip_vocab_path()).read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    symbols = _bytes_to_unicode()
+    words = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    words += ["<|startoftext|>", "<|endoftext|>"]
+    target.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        Path(tmp, "vocab.json").write_text(json.dumps({w: i for i, w in enumerate(words)}))
+        Path(tmp, "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+        for name in ("merges.txt", "vocab.json"):
+            os.replace(Path(tmp, name), target / name)
+    return target
+
+
+def clip_tokenizer(pad: Literal["eos", "!"] = "eos"):
+    """The real CLIP tokenizer: SD1/CLIP-L pads with EOS, SD2/OpenCLIP-bigG with "!" (id 0)."""
+    from transformers import CLIPTokenizer
+
+    extra = {"pad_token": "!"} if pad == "!" else {}
+    return CLIPTokenizer.from_pretrained(str(clip_tokenizer_dir()), model_max_length=77, **extra)
+
+
+def _text_encoder(pad_id: int, hidden: int = 32, projection: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        max_position_embeddings=77,
+        projection_dim=hidden,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=pad_id,
+        hidden_act="gelu",
+    )
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=[8, 16],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
+    ).eval()
+
+
+def sd1_unet(
+    sample_size: int = 8,
+    channels: tuple[int, int, int, int] = (32, 32, 64, 64),
+    heads: int | tuple[int, ...] = 8,
+    cross_attention_dim: int = 32,
+    **overrides,
+):
+    """SD1's UNet layout with fewer channels: 3 CrossAttn down blocks + 1 plain, mirrored up; 2 layers
+    per block, 3 per up block: 16 cross-attention layers in SD1's order (index 3 = the paper's layer)."""
+    from diffusers import UNet2DConditionModel
+
+    config = dict(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=channels,
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        attention_head_dim=heads,
+        cross_attention_dim=cross_attention_dim,
+        norm_num_groups=8,
+    )
+    config.update(overrides)
+    return UNet2DConditionModel(**config).eval()
+
+
+def tiny_pipeline(
+    kind: Kind = "sd1",
+    *,
+    seed: int = 0,
+    sample_size: int = 8,
+    channels: tuple[int, int, int, int] = (32, 32, 64, 64),
+    dtype: torch.dtype = torch.float32,
+):
+    """A diffusers pipeline of the given family with random weights.
+
+    ``sd1``: SD1 UNet layout (16 attn2 layers, 8 heads), CLIP tokenizer padding with EOS, DDIM.
+    ``sd2``: same layout with 2/4/8 heads (unequal, like SD2's 5/10/20), linear projections,
+    upcast attention, tokenizer padding with "!", Euler with v-prediction.
+    ``sdxl``: SDXL layout (plain first down block, 2 transformer layers in the second, text_time
+    embedding), two text encoders whose states are concatenated on 77 shared positions.
+    """
+    from diffusers import (
+        DDIMScheduler,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+
+    betas = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    torch.manual_seed(seed)
+    if kind == "sd1":
+        unet = sd1_unet(sample_size, channels)
+        pipe = StableDiffusionPipeline(
+            vae=_vae(),
+            text_encoder=_text_encoder(49407),
+            tokenizer=clip_tokenizer("eos"),
+            unet=unet,
+            scheduler=DDIMScheduler(clip_sample=False, set_alpha_to_one=False, steps_offset=1, **betas),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    elif kind == "sd2":
+        unet = sd1_unet(sample_size, channels, heads=(2, 4, 8, 8), use_linear_projection=True, upcast_attention=True)
+        pipe = StableDiffusionPipeline(
+            vae=_vae(),
+            text_encoder=_text_encoder(0),
+            tokenizer=clip_tokenizer("!"),
+            unet=unet,
+            scheduler=EulerDiscreteScheduler(prediction_type="v_prediction", steps_offset=1, **betas),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    elif kind == "sdxl":
+        unet = UNet2DConditionModel(
+            sample_size=sample_size,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2),
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=80,
+            cross_attention_dim=64,
+            norm_num_groups=8,
+        ).eval()
+        pipe = StableDiffusionXLPipeline(
+            vae=_vae(),
+            text_encoder=_text_encoder(49407),
+            text_encoder_2=_text_encoder(0, projection=True),
+            tokenizer=clip_tokenizer("eos"),
+            tokenizer_2=clip_tokenizer("!"),
+            unet=unet,
+            scheduler=EulerDiscreteScheduler(steps_offset=1, **betas),
+            force_zeros_for_empty_prompt=False,
+        )
+    else:
+        raise MemattnError(f"unknown tiny pipeline kind {kind!r}; choose sd1, sd2 or sdxl")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
