@@ -67,15 +67,15 @@ def cross_attention_layers(model: torch.nn.Module) -> list[tuple[str, Attention]
         return sorted(layers, key=lambda item: forward_order_key(item[0]))
     kind = type(model).__name__
     attentions = [m for m in model.modules() if isinstance(m, Attention)]
-    if any(m.added_kv_proj_dim is not None for m in attentions):
-        why = (
-            "its text keys/values are prepended to image self-attention (added-KV attention, as in "
-            "DeepFloyd IF), which memattn does not read yet"
-        )
-    elif "Transformer" in kind or any("Joint" in type(m.processor).__name__ for m in attentions):
+    if "Transformer" in kind or any("Joint" in type(m.processor).__name__ for m in attentions):
         why = (
             "it attends jointly over image and text tokens (SD3/Flux-style MMDiT), so there is no "
             "separate text cross-attention to read"
+        )
+    elif any(m.added_kv_proj_dim is not None for m in attentions):
+        why = (
+            "its text keys/values are prepended to image self-attention (added-KV attention, as in "
+            "DeepFloyd IF), which memattn does not read yet"
         )
     else:
         why = "it has no text conditioning at all (e.g. an unconditional UNet2DModel)"

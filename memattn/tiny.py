@@ -153,6 +153,7 @@ def tiny_pipeline(
     sample_size: int = 8,
     channels: tuple[int, int, int, int] = (32, 32, 64, 64),
     dtype: torch.dtype = torch.float32,
+    attention_gain: float = 4.0,
 ):
     """A diffusers pipeline of the given family with random weights.
 
@@ -161,6 +162,8 @@ def tiny_pipeline(
     upcast attention, tokenizer padding with "!", Euler with v-prediction.
     ``sdxl``: SDXL layout (plain first down block, 2 transformer layers in the second, text_time
     embedding), two text encoders whose states are concatenated on 77 shared positions.
+    ``attention_gain`` scales the cross-attention query/key weights so that random attention is not
+    almost uniform over the 77 tokens (which would make batch-layout bugs hard to see).
     """
     from diffusers import (
         DDIMScheduler,
@@ -226,5 +229,14 @@ def tiny_pipeline(
         )
     else:
         raise MemattnError(f"unknown tiny pipeline kind {kind!r}; choose sd1, sd2 or sdxl")
+    _sharpen_cross_attention(pipe.unet, attention_gain)
     pipe.set_progress_bar_config(disable=True)
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+@torch.no_grad()
+def _sharpen_cross_attention(unet: torch.nn.Module, gain: float) -> None:
+    for name, module in unet.named_modules():
+        if name.endswith("attn2"):
+            module.to_q.weight.mul_(gain)
+            module.to_k.weight.mul_(gain)
