@@ -12,8 +12,11 @@ from rich.table import Table
 
 from memattn.errors import MemattnError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Find training-data memorization in "
-                  "text-to-image diffusion models through their cross-attention.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Find training-data memorization in text-to-image diffusion models through their cross-attention.",
+)
 err = Console(stderr=True)
 
 
@@ -25,13 +28,19 @@ def _root() -> None:
 @app.command()
 def detect(
     prompts: Annotated[list[str], typer.Argument(help="Prompts to score.")],
-    model: Annotated[str, typer.Option("--model", "-m", help="Local diffusers pipeline directory or hub id.")],
-    scores: Annotated[str, typer.Option(help="Comma-separated scores: d (full generation), e (first step).")] = "d,e",
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Local diffusers pipeline directory or hub id.")
+    ],
+    scores: Annotated[
+        str, typer.Option(help="Comma-separated scores: d (full generation), e (first step).")
+    ] = "d,e",
     steps: Annotated[int, typer.Option(help="Denoising steps (the paper: 50).")] = 50,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.5,
     seed: Annotated[int, typer.Option(help="Base seed; prompt i uses seed + i.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Prompts per pipeline call.")] = 8,
-    layer: Annotated[str | None, typer.Option(help="Layer for score E: forward index or diffusers name.")] = None,
+    layer: Annotated[
+        str | None, typer.Option(help="Layer for score E: forward index or diffusers name.")
+    ] = None,
     device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
     dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16.")] = "float32",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per prompt.")] = False,
@@ -42,7 +51,9 @@ def detect(
 
     _quiet_loading()
     pipe = load_pipeline(model, dtype=parse_dtype(dtype), device=device)
-    chosen_layer: int | str | None = int(layer) if layer is not None and layer.lstrip("-").isdigit() else layer
+    chosen_layer: int | str | None = (
+        int(layer) if layer is not None and layer.lstrip("-").isdigit() else layer
+    )
     results = run_detect(
         pipe,
         prompts,

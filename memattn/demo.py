@@ -7,7 +7,6 @@ testbed issue replaces this with a model that memorizes for real.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from memattn.tiny import cache_dir, tiny_pipeline
 

@@ -39,7 +39,9 @@ def check_prompts(prompts: Sequence[str]) -> list[str]:
         if not isinstance(prompt, str):
             raise MemattnError(f"prompt {index} is {type(prompt).__name__}, not text")
         if not prompt.strip():
-            raise MemattnError(f"prompt {index} is empty; give a caption (the empty prompt is the unconditional branch)")
+            raise MemattnError(
+                f"prompt {index} is empty; give a caption (the empty prompt is the unconditional branch)"
+            )
         checked.append(prompt)
     if not checked:
         raise MemattnError("no prompts given")

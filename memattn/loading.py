@@ -13,8 +13,14 @@ import torch
 
 from memattn.errors import ModelNotFoundError
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -50,10 +56,12 @@ def load_pipeline(model: str, *, dtype: torch.dtype = torch.float32, device: str
     return _from_pretrained(DiffusionPipeline, model, model, dtype, device, local_only=False)
 
 
-def _from_pretrained(cls: Any, source: str, model: str, dtype: torch.dtype, device: str, *, local_only: bool) -> Any:
+def _from_pretrained(
+    cls: Any, source: str, model: str, dtype: torch.dtype, device: str, *, local_only: bool
+) -> Any:
     try:
         pipe = cls.from_pretrained(source, dtype=dtype, use_safetensors=True, local_files_only=local_only)
-    except (OSError, ValueError, EnvironmentError) as error:
+    except (OSError, ValueError) as error:
         text = str(error).splitlines()[0] if str(error) else type(error).__name__
         if "safetensors" in text.lower():
             raise ModelNotFoundError(

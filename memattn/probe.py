@@ -177,8 +177,10 @@ class Recorder:
         segment.steps[step][layer] = mean[-n_cond:]
         if segment.uncond_steps:
             segment.uncond_steps[step][layer] = mean[:-n_cond]
-        if self.want_maps and (self.map_steps is None or step in self.map_steps) and (
-            self.map_layers is None or layer in self.map_layers
+        if (
+            self.want_maps
+            and (self.map_steps is None or step in self.map_steps)
+            and (self.map_layers is None or layer in self.map_layers)
         ):
             segment.maps[(step, layer)] = probs[-n_cond:].detach()
             segment.map_sizes.setdefault(layer, _spatial_size(self.latent_size, probs.shape[2]))
@@ -204,7 +206,9 @@ class Recorder:
                 layouts=layouts,
                 prompts=segment.prompts,
                 images_per_prompt=segment.images_per_prompt,
-                uncond_attention=self._stack(segment.uncond_steps, n_images) if segment.uncond_steps else None,
+                uncond_attention=self._stack(segment.uncond_steps, n_images)
+                if segment.uncond_steps
+                else None,
                 uncond_layouts=segment.uncond_layouts,
                 maps={k: v.float().cpu() for k, v in segment.maps.items()},
                 map_sizes=dict(segment.map_sizes),
@@ -364,13 +368,18 @@ class Trace:
             return layer
         name = layer.removesuffix(".processor")
         if name not in self.layer_names:
-            raise RecordError(f"unknown cross-attention layer {layer!r}; known: {', '.join(self.layer_names)}")
+            raise RecordError(
+                f"unknown cross-attention layer {layer!r}; known: {', '.join(self.layer_names)}"
+            )
         return self.layer_names.index(name)
 
     # ---- install / restore --------------------------------------------------------------------
     def __enter__(self) -> Trace:
         self._originals = dict(self.model.attn_processors)
-        probes = {f"{name}.processor": CrossAttentionProbe(self.recorder, i) for i, name in enumerate(self.layer_names)}
+        probes = {
+            f"{name}.processor": CrossAttentionProbe(self.recorder, i)
+            for i, name in enumerate(self.layer_names)
+        }
         self.model.set_attn_processor({key: probes.get(key, proc) for key, proc in self._originals.items()})
         try:
             self._hook = self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True)
@@ -408,7 +417,8 @@ class Trace:
         original: Callable[..., Any] = self.pipeline.encode_prompt
         signature = inspect.signature(original)
         tokenizers = [
-            t for t in (getattr(self.pipeline, "tokenizer", None), getattr(self.pipeline, "tokenizer_2", None))
+            t
+            for t in (getattr(self.pipeline, "tokenizer", None), getattr(self.pipeline, "tokenizer_2", None))
             if t is not None
         ]
 
@@ -437,7 +447,12 @@ class Trace:
                     raise LayoutError(f"{len(self.lengths)} lengths given for {count} prompt embeddings")
                 layouts = [TokenLayout.from_length(n) for n in self.lengths]
         uncond_layouts = None
-        if self.recorder.record_uncond and cfg and prompts is not None and arguments.get("negative_prompt_embeds") is None:
+        if (
+            self.recorder.record_uncond
+            and cfg
+            and prompts is not None
+            and arguments.get("negative_prompt_embeds") is None
+        ):
             negatives = _as_list(arguments.get("negative_prompt") or "", len(prompts))
             uncond_layouts = _repeat(pipeline_layouts(tokenizers, negatives), per_prompt)
         self.recorder.start_segment(

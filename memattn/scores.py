@@ -79,7 +79,9 @@ def summary_entropy_curve(record: AttentionRecord, layers: LayerSpec = None) -> 
     return (terms * _summary_mask(record)).sum(dim=-1)
 
 
-def token_mass(record: AttentionRecord, layers: LayerSpec = None, steps: Sequence[int] | None = None) -> torch.Tensor:
+def token_mass(
+    record: AttentionRecord, layers: LayerSpec = None, steps: Sequence[int] | None = None
+) -> torch.Tensor:
     """``[image, token]`` attention share per token, averaged over the chosen steps and layers."""
     mean = mean_attention(record, layers)
     if steps is not None:

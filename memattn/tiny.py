@@ -39,7 +39,11 @@ def clip_vocab_path() -> Path:
 
 def _bytes_to_unicode() -> list[str]:
     """GPT-2/CLIP table mapping the 256 byte values to printable unicode symbols, in id order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     codes = printable[:]
     extra = 0
     for byte in range(256):
@@ -188,7 +192,9 @@ def tiny_pipeline(
             requires_safety_checker=False,
         )
     elif kind == "sd2":
-        unet = sd1_unet(sample_size, channels, heads=(2, 4, 8, 8), use_linear_projection=True, upcast_attention=True)
+        unet = sd1_unet(
+            sample_size, channels, heads=(2, 4, 8, 8), use_linear_projection=True, upcast_attention=True
+        )
         pipe = StableDiffusionPipeline(
             vae=_vae(),
             text_encoder=_text_encoder(0),

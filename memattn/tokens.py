@@ -113,6 +113,8 @@ class TokenLayout:
 
 def tokenize_layouts(tokenizer: Any, prompts: Sequence[str]) -> list[TokenLayout]:
     """Layouts exactly as a diffusers pipeline tokenizes: pad to max length, truncate."""
+    if not prompts:
+        return []
     max_length = int(tokenizer.model_max_length)
     if max_length > 4096:
         raise LayoutError(
@@ -139,6 +141,10 @@ def pipeline_layouts(
     """Layouts for a pipeline's tokenizer(s); SDXL's second tokenizer may get its own prompts."""
     if not tokenizers:
         raise LayoutError("the pipeline has no tokenizer; pass `lengths=` to trace() instead")
+    if prompts_2 is not None and len(prompts_2) != len(prompts):
+        raise LayoutError(
+            f"{len(prompts_2)} prompt_2 entries for {len(prompts)} prompts; give one per prompt"
+        )
     layouts = tokenize_layouts(tokenizers[0], prompts)
     for tokenizer in tokenizers[1:]:
         other = tokenize_layouts(tokenizer, prompts_2 if prompts_2 is not None else prompts)

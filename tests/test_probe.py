@@ -69,7 +69,9 @@ def test_restores_after_exception_inside_the_call(sd1_pipe, error):
 def test_tracing_does_not_change_the_images(request, fixture):
     pipe = request.getfixturevalue(fixture)
     seeds = [0, 1, 2, 3]
-    plain = pipe(PROMPTS, num_inference_steps=3, guidance_scale=7.5, generator=generators(seeds), output_type="np").images
+    plain = pipe(
+        PROMPTS, num_inference_steps=3, guidance_scale=7.5, generator=generators(seeds), output_type="np"
+    ).images
     _, traced = run(pipe, PROMPTS, seeds)
     assert abs(plain - traced).max() <= 1e-5
     # The probe keeps diffusers' SDPA call for the output, so the images are in fact bit-identical.
@@ -256,21 +258,41 @@ def test_unknown_map_layer_is_a_clear_error(sd1_pipe):
 def test_models_without_text_cross_attention_are_refused():
     from diffusers import SD3Transformer2DModel, UNet2DConditionModel, UNet2DModel
 
-    plain = UNet2DModel(sample_size=8, block_out_channels=(8, 16), norm_num_groups=8,
-                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    plain = UNet2DModel(
+        sample_size=8,
+        block_out_channels=(8, 16),
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
     with pytest.raises(UnsupportedModelError, match="no text conditioning"):
         memattn.trace(plain)
-    joint = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=1,
-                                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
-                                  caption_projection_dim=16, pooled_projection_dim=16)
+    joint = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        caption_projection_dim=16,
+        pooled_projection_dim=16,
+    )
     with pytest.raises(UnsupportedModelError, match="jointly over image and text"):
         memattn.trace(joint)
     added_kv = UNet2DConditionModel(
-        sample_size=8, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+        sample_size=8,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
         down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
         mid_block_type="UNetMidBlock2DSimpleCrossAttn",
         up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
-        cross_attention_dim=16, encoder_hid_dim=32, attention_head_dim=8, resnet_time_scale_shift="scale_shift",
+        cross_attention_dim=16,
+        encoder_hid_dim=32,
+        attention_head_dim=8,
+        resnet_time_scale_shift="scale_shift",
     )
     with pytest.raises(UnsupportedModelError, match="added-KV"):
         memattn.trace(added_kv)

@@ -1,0 +1,93 @@
+"""The `memattn detect` command on a pipeline saved to disk and loaded with from_pretrained."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from memattn.cli import app
+from memattn.tiny import tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-sd1")
+    tiny_pipeline("sd1", seed=5).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "memattn", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_detect_json_rows(model_dir):
+    result = CliRunner().invoke(
+        app, ["detect", "a dog", "hello " * 90, "--model", str(model_dir), "--steps", "3", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [row["prompt"] for row in rows] == ["a dog", "hello " * 90]
+    assert [row["seed"] for row in rows] == [0, 1]
+    assert rows[0]["n_tokens"] == 4 and rows[1]["truncated"] is True
+    assert all(isinstance(row["score_d"], float) and isinstance(row["score_e"], float) for row in rows)
+    assert rows[0]["triggers"][0][0] in {"a", "dog"}
+
+
+def test_detect_table_and_first_step_only(model_dir):
+    result = CliRunner().invoke(
+        app, ["detect", "a red cube", "--model", str(model_dir), "--scores", "e", "--steps", "50"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "a red cube" in result.stdout and "memattn detect" in result.stdout
+
+
+def test_first_step_only_makes_one_unet_call(model_dir):
+    from memattn.detect import detect
+    from memattn.loading import load_pipeline
+
+    pipe = load_pipeline(str(model_dir))
+    calls = []
+    handle = pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        detect(pipe, ["a dog", "a cat"], which=["e"], steps=50, progress=False)
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+
+
+def test_missing_model_is_one_line_exit_2():
+    result = cli("detect", "a dog", "--model", "nobody/no-such-model-here")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not found locally; pass a local path" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["", "--steps", "2"], "prompt 0 is empty"),
+        (["a dog", "--scores", "d", "--steps", "1"], "needs at least 2 denoising steps"),
+        (["a dog", "--scores", "x"], "unknown score"),
+        (["a dog", "--layer", "down_blocks.9", "--steps", "2"], "not a recorded cross-attention layer"),
+    ],
+)
+def test_bad_input_gives_clear_errors(model_dir, args, message):
+    result = cli("detect", *args, "--model", str(model_dir))
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_directory_without_pipeline_or_safetensors(tmp_path, model_dir):
+    result = cli("detect", "a dog", "--model", str(tmp_path))
+    assert result.returncode == 2 and "model_index.json is missing" in result.stderr
+    file_path = tmp_path / "model.ckpt"
+    file_path.write_bytes(b"not a checkpoint")
+    result = cli("detect", "a dog", "--model", str(file_path))
+    assert result.returncode == 2 and "single file" in result.stderr
