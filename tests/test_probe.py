@@ -299,3 +299,31 @@ def test_models_without_text_cross_attention_are_refused():
     with pytest.raises(UnsupportedModelError, match="neither a diffusers pipeline"):
         memattn.trace(object())
     assert len(cross_attention_layers(sd1_unet())) == 16
+
+
+def test_probe_adds_no_host_synchronisation(sd1_pipe):
+    """`.item()`/`float(tensor)` dispatch `aten._local_scalar_dense`, a device→host sync on a GPU.
+
+    The traced call must issue exactly as many as the plain call (the record is copied once, when read).
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountScalarReads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    def call():
+        sd1_pipe(PROMPTS[:2], num_inference_steps=3, generator=generators([0, 1]), output_type="latent")
+
+    with CountScalarReads() as plain:
+        call()
+    with memattn.trace(sd1_pipe) as tr, CountScalarReads() as traced:
+        call()
+    assert traced.count == plain.count
+    assert tr.record.n_steps == 3
