@@ -166,8 +166,8 @@ class Recorder:
             return
         segment = self.segments[-1]
         rows = self.observed_rows
-        query = query[rows].float()
-        logits = query @ key[rows].float().transpose(-1, -2) * query.shape[-1] ** -0.5
+        query = query[rows].float() * query.shape[-1] ** -0.5  # scale the (L, d) side, not (L, 77)
+        logits = query @ key[rows].float().transpose(-1, -2)
         if mask is not None:
             logits = logits + mask[rows].float()
         probs = logits.softmax(dim=-1)

@@ -37,13 +37,9 @@ def clip_vocab_path() -> Path:
     return path
 
 
-def _bytes_to_unicode() -> list[str]:
-    """GPT-2/CLIP table mapping the 256 byte values to printable unicode symbols, in id order."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP table: byte value -> printable unicode symbol, in vocabulary id order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     codes = printable[:]
     extra = 0
     for byte in range(256):
@@ -51,7 +47,7 @@ def _bytes_to_unicode() -> list[str]:
             printable.append(byte)
             codes.append(256 + extra)
             extra += 1
-    return [chr(c) for c in codes]
+    return {byte: chr(code) for byte, code in zip(printable, codes, strict=True)}
 
 
 def cache_dir() -> Path:
@@ -69,7 +65,7 @@ def clip_tokenizer_dir() -> Path:
         return target
     lines = gzip.open(clip_vocab_path()).read().decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
-    symbols = _bytes_to_unicode()
+    symbols = list(_bytes_to_unicode().values())
     words = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
     words += ["<|startoftext|>", "<|endoftext|>"]
     target.mkdir(parents=True, exist_ok=True)
