@@ -1,0 +1,27 @@
+"""Benchmark scripts must keep running (their numbers live in benchmarks/RESULTS.md, not in tests)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_probe_overhead_quick_run(tmp_path):
+    out = tmp_path / "probe.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "probe_overhead.py"), "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "probe overhead ratio" in result.stdout
+    data = json.loads(out.read_text())
+    assert data["max_abs_image_diff"] == 0.0
