@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -85,6 +86,50 @@ def detect(
             ", ".join(f"{token} {share:.1%}" for token, share in result.triggers),
         )
     Console().print(table)
+
+
+testbed_app = typer.Typer(no_args_is_help=True, help="The CPU-scale memorization testbed.")
+app.add_typer(testbed_app, name="testbed")
+
+
+@testbed_app.command("train")
+def testbed_train(
+    out: Annotated[Path, typer.Option(help="Run directory: checkpoints/ and the exported pipeline/.")],
+    fast: Annotated[bool, typer.Option(help="The small recipe (a few minutes; used by CI).")] = False,
+    steps: Annotated[int | None, typer.Option(help="Override the recipe's number of steps.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint in --out.")] = True,
+) -> None:
+    """Train the testbed model (seeded, resumable); writes OUT/pipeline, loadable with from_pretrained."""
+    from memattn.testbed.train import FAST, TrainConfig, train, with_steps
+
+    config = with_steps(FAST if fast else TrainConfig(), steps)
+    target = train(config, out, resume=resume)
+    Console().print(f"testbed pipeline written to {target}")
+
+
+@testbed_app.command("info")
+def testbed_info(
+    model: Annotated[Path, typer.Argument(help="A testbed pipeline directory.")],
+) -> None:
+    """Print a testbed pipeline's manifest: recipe, training time and ground-truth groups."""
+    path = model / "memattn_testbed.json"
+    if not path.is_file():
+        raise MemattnError(f"{model} has no memattn_testbed.json: not a testbed pipeline directory")
+    data = json.loads(path.read_text())
+    table = Table(title=f"testbed {model}")
+    for column in ("group", "prompts", "duplication counts", "example"):
+        table.add_column(column, overflow="fold")
+    for name, items in data["groups"].items():
+        counts = sorted({item["duplication"] for item in items})
+        table.add_row(
+            name, str(len(items)), ", ".join(map(str, counts)), items[0]["caption"] if items else ""
+        )
+    console = Console()
+    console.print(table)
+    console.print(
+        f"memattn {data['memattn_version']}, seed {data['seed']}, {data['training_seconds']} s of training "
+        f"({data['config']['steps']} steps) on {data['machine']}\ncommand: {data['command']}"
+    )
 
 
 def _quiet_loading() -> None:

@@ -5,6 +5,8 @@ Weights are read from safetensors only (``use_safetensors=True``): memattn never
 
 from __future__ import annotations
 
+import importlib
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,7 @@ def load_pipeline(model: str, *, dtype: torch.dtype = torch.float32, device: str
             raise ModelNotFoundError(
                 f"{model} is not a diffusers pipeline directory: model_index.json is missing"
             )
+        _import_own_components(path / "model_index.json")
         return _from_pretrained(DiffusionPipeline, str(path), model, dtype, device, local_only=True)
     if model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise ModelNotFoundError(f"model {model} not found: no such directory")
@@ -54,6 +57,27 @@ def load_pipeline(model: str, *, dtype: torch.dtype = torch.float32, device: str
         if os.environ.get("HF_HUB_OFFLINE") == "1":
             raise
     return _from_pretrained(DiffusionPipeline, model, model, dtype, device, local_only=False)
+
+
+def _import_own_components(model_index: Path) -> None:
+    """Import memattn's own component classes (e.g. the testbed's PixelSpaceVAE) named by a pipeline.
+
+    diffusers only loads classes from modules that are already imported; memattn's modules are
+    installed code, so importing them runs nothing from the model directory. Other libraries stay
+    unimported (diffusers then refuses them, as it should).
+    """
+    try:
+        index = json.loads(model_index.read_text())
+    except (OSError, ValueError) as error:
+        raise ModelNotFoundError(f"{model_index} is not readable JSON ({error})") from None
+    for value in index.values():
+        if (
+            isinstance(value, list)
+            and value
+            and isinstance(value[0], str)
+            and value[0].startswith("memattn.")
+        ):
+            importlib.import_module(value[0])
 
 
 def _from_pretrained(

@@ -39,7 +39,11 @@ def clip_vocab_path() -> Path:
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP table: byte value -> printable unicode symbol, in vocabulary id order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     codes = printable[:]
     extra = 0
     for byte in range(256):

@@ -17,6 +17,7 @@ import gzip
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 import regex
@@ -74,7 +75,7 @@ def _bpe_merges_used(word: str, ranks: dict[tuple[str, str], int]) -> list[tuple
     symbols = [*word[:-1], word[-1] + "</w>"]
     used = []
     while len(symbols) > 1:
-        pairs = [(ranks.get(pair, 1 << 30), i, pair) for i, pair in enumerate(zip(symbols, symbols[1:]))]
+        pairs = [(ranks.get(pair, 1 << 30), i, pair) for i, pair in enumerate(pairwise(symbols))]
         rank, _, pair = min(pairs)
         if rank == 1 << 30:
             break
@@ -174,7 +175,8 @@ def sampling_scheduler() -> DDIMScheduler:
     return DDIMScheduler(
         num_train_timesteps=1000,
         beta_schedule="squaredcos_cap_v2",
-        clip_sample=False, steps_offset=1,
+        clip_sample=False,
+        steps_offset=1,
         set_alpha_to_one=True,
     )
 
@@ -196,4 +198,6 @@ def assemble_pipeline(unet, text_encoder, tokenizer) -> StableDiffusionPipeline:
 
 
 def tokenize(tokenizer, captions: Sequence[str]) -> torch.Tensor:
-    return tokenizer(list(captions), padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    return tokenizer(
+        list(captions), padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+    ).input_ids

@@ -1,0 +1,262 @@
+"""Train the testbed model on the testbed data: seeded, resumable, CPU-sized.
+
+Every step draws its batch, noise, timesteps and caption dropout from a generator seeded by
+``(seed, step)``, so a run resumed from a checkpoint takes exactly the steps an uninterrupted run takes.
+Checkpoints are written to a temporary directory and renamed into place: a crash never leaves a
+half-written checkpoint that looks complete. Everything is stored as safetensors + JSON.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from memattn.errors import MemattnError
+from memattn.testbed.data import TestbedConfig, TestbedDataset, build_dataset
+from memattn.testbed.model import (
+    ModelConfig,
+    assemble_pipeline,
+    build_text_encoder,
+    build_tokenizer_files,
+    build_unet,
+    load_tokenizer,
+    tokenize,
+)
+
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The recipe. Defaults follow the feasibility run: AdamW 1e-3, batch 64, 10 % caption dropout, EMA."""
+
+    steps: int = 3000
+    batch_size: int = 64
+    lr: float = 1e-3
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.999
+    checkpoint_every: int = 250
+    seed: int = 0
+    data: TestbedConfig = field(default_factory=TestbedConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+
+FAST = TrainConfig(
+    steps=500,
+    checkpoint_every=100,
+    data=TestbedConfig(
+        matching_counts=(32, 128),
+        matching_items_per_count=4,
+        n_templates=2,
+        template_copies=32,
+        seen_once=400,
+        rare_word_seen_once=40,
+        never_seen=40,
+        novel_composition=40,
+    ),
+)
+
+
+def _config_from_json(raw: dict) -> TrainConfig:
+    data = TestbedConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.pop("data").items()})
+    model = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.pop("model").items()})
+    return TrainConfig(**raw, data=data, model=model)
+
+
+class Trainer:
+    """Holds the networks, the optimizer, the EMA copy and the pre-encoded data of one run."""
+
+    def __init__(self, config: TrainConfig, out: Path) -> None:
+        self.config = config
+        self.out = out
+        self.dataset: TestbedDataset = build_dataset(config.seed, config.data)
+        torch.manual_seed(config.seed)
+        captions = [item.caption for item in self.dataset.items]
+        self.tokenizer = load_tokenizer(build_tokenizer_files(captions, out / "tokenizer-build"))
+        self.text_encoder = build_text_encoder(config.model, self.tokenizer).requires_grad_(False)
+        self.unet = build_unet(config.model).train()
+        self.ema = copy.deepcopy(self.unet).eval().requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=config.lr)
+        self.noise_schedule = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+        pairs = self.dataset.training_pairs()
+        index = {item.item_id: i for i, item in enumerate(self.dataset.items)}
+        self.pair_items = torch.tensor([index[item_id] for item_id, _ in pairs])
+        train_items = sorted({index[item_id] for item_id, _ in pairs})
+        self.images = torch.zeros(len(self.dataset.items), 3, config.data.image_size, config.data.image_size)
+        self.images[train_items] = torch.from_numpy(
+            self.dataset.images([self.dataset.items[i] for i in train_items])
+        )
+        with torch.no_grad():
+            self.embeddings = torch.cat(
+                [
+                    self.text_encoder(tokenize(self.tokenizer, captions[i : i + 256]))[0]
+                    for i in range(0, len(captions), 256)
+                ]
+            )
+            self.empty = self.text_encoder(tokenize(self.tokenizer, [""]))[0]
+        self.step = 0
+
+    # ---- one step -----------------------------------------------------------------------------
+    def train_step(self) -> float:
+        cfg = self.config
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
+        rows = self.pair_items[torch.randint(len(self.pair_items), (cfg.batch_size,), generator=generator)]
+        clean = self.images[rows]
+        context = self.embeddings[rows].clone()
+        drop = torch.rand(cfg.batch_size, generator=generator) < cfg.caption_dropout
+        context[drop] = self.empty
+        noise = torch.randn(clean.shape, generator=generator)
+        timesteps = torch.randint(0, 1000, (cfg.batch_size,), generator=generator)
+        noisy = self.noise_schedule.add_noise(clean, noise, timesteps)
+        prediction = self.unet(noisy, timesteps, encoder_hidden_states=context).sample
+        loss = F.mse_loss(prediction, noise)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.step += 1
+        decay = min(cfg.ema_decay, (1 + self.step) / (10 + self.step))
+        with torch.no_grad():
+            torch._foreach_lerp_(list(self.ema.parameters()), list(self.unet.parameters()), 1 - decay)
+        return float(loss.detach())
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        root = self.out / CHECKPOINTS
+        root.mkdir(parents=True, exist_ok=True)
+        final = root / f"step-{self.step:07d}"
+        partial = root / f".partial-{self.step:07d}"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+        save_file(self.unet.state_dict(), partial / "unet.safetensors")
+        save_file(self.ema.state_dict(), partial / "ema.safetensors")
+        tensors, groups = _flatten_optimizer(self.optimizer.state_dict())
+        save_file(tensors, partial / "optimizer.safetensors")
+        (partial / "state.json").write_text(
+            json.dumps({"step": self.step, "param_groups": groups, "config": asdict(self.config)})
+        )
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        try:
+            state = json.loads((path / "state.json").read_text())
+            self.unet.load_state_dict(load_file(path / "unet.safetensors"))
+            self.ema.load_state_dict(load_file(path / "ema.safetensors"))
+            self.optimizer.load_state_dict(
+                _unflatten_optimizer(load_file(path / "optimizer.safetensors"), state)
+            )
+        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
+            raise MemattnError(
+                f"checkpoint {path} is missing or corrupt ({type(error).__name__}: {str(error)[:120]}); "
+                "delete it to resume from the one before, or start again without --resume"
+            ) from None
+        # The number of steps only says where to stop (no schedule depends on it): a run may be extended.
+        if replace(_config_from_json(state["config"]), steps=0) != replace(self.config, steps=0):
+            raise MemattnError(
+                f"checkpoint {path} was written by a different recipe; use a new --out directory"
+            )
+        self.step = int(state["step"])
+
+    # ---- export -------------------------------------------------------------------------------
+    def export(self, target: Path, manifest: dict) -> Path:
+        pipe = assemble_pipeline(copy.deepcopy(self.ema).eval(), self.text_encoder, self.tokenizer)
+        tmp = target.with_name(target.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "memattn_testbed.json").write_text(json.dumps(manifest, indent=1))
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+        return target
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    tensors = {
+        f"{index}.{key}": value.detach().clone().contiguous()
+        for index, entry in state["state"].items()
+        for key, value in entry.items()
+    }
+    return tensors, state["param_groups"]
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], state: dict) -> dict:
+    entries: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        index, key = name.split(".", 1)
+        entries.setdefault(int(index), {})[key] = value
+    return {"state": entries, "param_groups": state["param_groups"]}
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint (partial ones start with a dot and are never picked)."""
+    root = out / CHECKPOINTS
+    if not root.is_dir():
+        return None
+    complete = sorted(p for p in root.glob("step-*") if (p / "state.json").is_file())
+    return complete[-1] if complete else None
+
+
+def manifest(trainer: Trainer, seconds: float, command: str) -> dict:
+    from memattn import __version__
+
+    dataset = trainer.dataset
+    return {
+        "memattn_version": __version__,
+        "command": command,
+        "seed": trainer.config.seed,
+        "config": asdict(trainer.config),
+        "training_seconds": round(seconds, 1),
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}",
+        "summary": dataset.summary(),
+        "groups": {
+            name: [
+                {
+                    "caption": item.caption,
+                    "item_id": item.item_id,
+                    "duplication": item.duplication,
+                    "template_id": item.template_id,
+                    "attributes": item.attributes,
+                }
+                for item in dataset.group(name)
+            ]
+            for name in dataset.prompt_groups()
+        },
+    }
+
+
+def train(config: TrainConfig, out: Path, *, resume: bool = True, progress: bool = True) -> Path:
+    """Train (or resume) into ``out``; returns the exported pipeline directory ``out / "pipeline"``."""
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(config, out)
+    latest = latest_checkpoint(out) if resume else None
+    if latest is not None:
+        trainer.load_checkpoint(latest)
+    started = time.time()
+    bar = tqdm(total=config.steps, initial=trainer.step, desc="train testbed", disable=not progress)
+    while trainer.step < config.steps:
+        loss = trainer.train_step()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        if trainer.step % config.checkpoint_every == 0 or trainer.step == config.steps:
+            trainer.save_checkpoint()
+    bar.close()
+    command = " ".join(["memattn", *sys.argv[1:]]) if sys.argv else "memattn testbed train"
+    return trainer.export(out / "pipeline", manifest(trainer, time.time() - started, command))
+
+
+def with_steps(config: TrainConfig, steps: int | None) -> TrainConfig:
+    return config if steps is None else replace(config, steps=steps)

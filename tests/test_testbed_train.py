@@ -1,0 +1,146 @@
+"""Testbed training: seeded, resumable after SIGKILL (bit-exact on CPU), atomic and checked checkpoints."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from memattn.errors import MemattnError
+from memattn.testbed.data import TestbedConfig
+from memattn.testbed.model import ModelConfig
+from memattn.testbed.train import TrainConfig, Trainer, latest_checkpoint, train
+
+TINY = TrainConfig(
+    steps=6,
+    batch_size=8,
+    checkpoint_every=2,
+    data=TestbedConfig(
+        matching_counts=(4,),
+        matching_items_per_count=2,
+        n_templates=1,
+        template_copies=4,
+        seen_once=20,
+        rare_word_seen_once=4,
+        never_seen=4,
+        novel_composition=4,
+    ),
+    model=ModelConfig(block_out_channels=(32, 32, 32), text_hidden=32, text_layers=1),
+)
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reference")
+    train(TINY, out, progress=False)
+    return out
+
+
+def test_export_has_manifest_and_checkpoints(reference):
+    manifest = json.loads((reference / "pipeline" / "memattn_testbed.json").read_text())
+    assert manifest["seed"] == 0 and manifest["config"]["steps"] == 6
+    assert {g["duplication"] for g in manifest["groups"]["memorized_matching"]} == {4}
+    assert manifest["groups"]["never_seen"] and all(
+        g["duplication"] == 0 for g in manifest["groups"]["never_seen"]
+    )
+    assert [p.name for p in sorted((reference / "checkpoints").iterdir())] == [
+        "step-0000002",
+        "step-0000004",
+        "step-0000006",
+    ]
+
+
+def test_same_seed_same_model_other_seed_differs(reference, tmp_path):
+    train(TINY, tmp_path / "again", progress=False)
+    assert_same_weights(reference, tmp_path / "again")
+    from dataclasses import replace
+
+    train(replace(TINY, seed=1), tmp_path / "other", progress=False)
+    assert not torch.equal(
+        weights(reference)["conv_in.weight"], weights(tmp_path / "other")["conv_in.weight"]
+    )
+
+
+def test_resume_matches_uninterrupted_run(reference, tmp_path):
+    from dataclasses import replace
+
+    train(replace(TINY, steps=4), tmp_path, progress=False)  # stops at step 4, then is extended to 6
+    train(TINY, tmp_path, progress=False)
+    assert_same_weights(reference, tmp_path)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bit_exact(reference, tmp_path):
+    from dataclasses import replace
+
+    long = replace(TINY, steps=40, checkpoint_every=2)
+    code = (
+        "import sys; from pathlib import Path; sys.path.insert(0, {!r});"
+        "from test_testbed_train import TINY; from dataclasses import replace;"
+        "from memattn.testbed.train import train;"
+        "train(replace(TINY, steps=40, checkpoint_every=2), Path({!r}), progress=False)"
+    ).format(str(Path(__file__).parent), str(tmp_path / "killed"))
+    process = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.time() + 240
+    while time.time() < deadline and latest_checkpoint(tmp_path / "killed") is None:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = latest_checkpoint(tmp_path / "killed")
+    assert killed_at is not None and killed_at.name != "step-0000040"
+    train(long, tmp_path / "killed", progress=False)
+    train(long, tmp_path / "straight", progress=False)
+    assert_same_weights(tmp_path / "killed", tmp_path / "straight")
+
+
+def test_corrupt_or_foreign_checkpoint_is_a_clear_error(reference, tmp_path):
+    from dataclasses import replace
+
+    run = tmp_path / "run"
+    train(replace(TINY, steps=2), run, progress=False)
+    checkpoint = latest_checkpoint(run)
+    # A different recipe refuses to resume from it.
+    with pytest.raises(MemattnError, match="different recipe"):
+        Trainer(replace(TINY, lr=0.5), run).load_checkpoint(checkpoint)
+    (checkpoint / "unet.safetensors").write_bytes(b"garbage")
+    with pytest.raises(MemattnError, match="missing or corrupt"):
+        train(replace(TINY, steps=2), run, progress=False)
+    # A half-written checkpoint (no state.json, or a .partial directory) is never picked as latest.
+    (run / "checkpoints" / ".partial-0000009").mkdir()
+    (run / "checkpoints" / "step-0000010").mkdir()
+    assert latest_checkpoint(run) == checkpoint
+
+
+def test_cli_loads_the_exported_testbed_in_a_fresh_process(reference):
+    """A fresh interpreter has not imported memattn.testbed: loading must still find PixelSpaceVAE."""
+    model = str(reference / "pipeline")
+    run = [sys.executable, "-m", "memattn"]
+    info = subprocess.run([*run, "testbed", "info", model], capture_output=True, text=True, timeout=300)
+    assert info.returncode == 0, info.stderr
+    assert "memorized_matching" in info.stdout
+    detect = subprocess.run(
+        [*run, "detect", "a red circle", "--model", model, "--steps", "3", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert detect.returncode == 0, detect.stderr
+    assert json.loads(detect.stdout.splitlines()[-1])["prompt"] == "a red circle"
