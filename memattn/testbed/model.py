@@ -171,8 +171,9 @@ def build_text_encoder(config: ModelConfig, tokenizer):
     ).eval()
 
 
-def sampling_scheduler() -> DDIMScheduler:
+def sampling_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
     return DDIMScheduler(
+        prediction_type=prediction_type,
         num_train_timesteps=1000,
         beta_schedule="squaredcos_cap_v2",
         clip_sample=False,
@@ -181,14 +182,16 @@ def sampling_scheduler() -> DDIMScheduler:
     )
 
 
-def assemble_pipeline(unet, text_encoder, tokenizer) -> StableDiffusionPipeline:
+def assemble_pipeline(
+    unet, text_encoder, tokenizer, prediction_type: str = "epsilon"
+) -> StableDiffusionPipeline:
     """A plain ``StableDiffusionPipeline`` over the testbed components (pixel space, DDIM)."""
     pipe = StableDiffusionPipeline(
         vae=PixelSpaceVAE(),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=sampling_scheduler(),
+        scheduler=sampling_scheduler(prediction_type),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

@@ -51,6 +51,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     checkpoint_every: int = 250
     seed: int = 0
+    prediction_type: str = "epsilon"  # or "v_prediction" (stable x0 estimates at high noise)
     data: TestbedConfig = field(default_factory=TestbedConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
 
@@ -91,7 +92,11 @@ class Trainer:
         self.unet = build_unet(config.model).train()
         self.ema = copy.deepcopy(self.unet).eval().requires_grad_(False)
         self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=config.lr)
-        self.noise_schedule = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+        self.noise_schedule = DDPMScheduler(
+            num_train_timesteps=1000,
+            beta_schedule="squaredcos_cap_v2",
+            prediction_type=config.prediction_type,
+        )
         pairs = self.dataset.training_pairs()
         index = {item.item_id: i for i, item in enumerate(self.dataset.items)}
         self.pair_items = torch.tensor([index[item_id] for item_id, _ in pairs])
@@ -123,7 +128,12 @@ class Trainer:
         timesteps = torch.randint(0, 1000, (cfg.batch_size,), generator=generator)
         noisy = self.noise_schedule.add_noise(clean, noise, timesteps)
         prediction = self.unet(noisy, timesteps, encoder_hidden_states=context).sample
-        loss = F.mse_loss(prediction, noise)
+        target = (
+            noise
+            if cfg.prediction_type == "epsilon"
+            else self.noise_schedule.get_velocity(clean, noise, timesteps)
+        )
+        loss = F.mse_loss(prediction, target)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -174,7 +184,9 @@ class Trainer:
 
     # ---- export -------------------------------------------------------------------------------
     def export(self, target: Path, manifest: dict) -> Path:
-        pipe = assemble_pipeline(copy.deepcopy(self.ema).eval(), self.text_encoder, self.tokenizer)
+        pipe = assemble_pipeline(
+            copy.deepcopy(self.ema).eval(), self.text_encoder, self.tokenizer, self.config.prediction_type
+        )
         tmp = target.with_name(target.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         pipe.save_pretrained(tmp, safe_serialization=True)
@@ -260,3 +272,11 @@ def train(config: TrainConfig, out: Path, *, resume: bool = True, progress: bool
 
 def with_steps(config: TrainConfig, steps: int | None) -> TrainConfig:
     return config if steps is None else replace(config, steps=steps)
+
+
+def export_checkpoint(run: Path, checkpoint: Path, target: Path) -> Path:
+    """Export the EMA weights of one checkpoint of ``run`` as a pipeline (to study training dynamics)."""
+    state = json.loads((checkpoint / "state.json").read_text())
+    trainer = Trainer(_config_from_json(state["config"]), run)
+    trainer.load_checkpoint(checkpoint)
+    return trainer.export(target, manifest(trainer, float("nan"), f"export of {checkpoint}"))
