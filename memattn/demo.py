@@ -23,6 +23,7 @@ def main() -> None:
     if not (target / "model_index.json").is_file():
         print(f"building a tiny SD1-architecture pipeline (random weights) in {target}")
         tiny_pipeline("sd1", seed=0).save_pretrained(target, safe_serialization=True)
+    print("random weights: the scores below show the plumbing (loading, probe, D, E), not memorization")
     sys.argv = ["memattn", "detect", *PROMPTS, "--model", str(target), "--steps", "50"]
     print("$ " + " ".join(f"'{a}'" if " " in a else a for a in sys.argv))
     from memattn.cli import main as cli_main
