@@ -11,6 +11,7 @@ images per prompt and whether classifier-free guidance doubled the batch.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Callable, Sequence
@@ -360,6 +361,7 @@ class Trace:
         self._originals: dict[str, Any] | None = None
         self._hook: Any = None
         self._wrapped_encode = False
+        self._previous_encode: Callable[..., Any] | None = None
 
     def _resolve_layer(self, layer: int | str) -> int:
         if isinstance(layer, int):
@@ -375,7 +377,13 @@ class Trace:
 
     # ---- install / restore --------------------------------------------------------------------
     def __enter__(self) -> Trace:
-        self._originals = dict(self.model.attn_processors)
+        current = self.model.attn_processors
+        if any(isinstance(p, CrossAttentionProbe) for p in current.values()):
+            raise RecordError(
+                "this model is already traced by an enclosing memattn.trace; nested traces are not "
+                "supported: read everything from the outer trace's records"
+            )
+        self._originals = dict(current)
         probes = {
             f"{name}.processor": CrossAttentionProbe(self.recorder, i)
             for i, name in enumerate(self.layer_names)
@@ -404,7 +412,10 @@ class Trace:
                 self._hook.remove()
                 self._hook = None
             if self._wrapped_encode:
-                del self.pipeline.encode_prompt
+                if self._previous_encode is None:
+                    del self.pipeline.encode_prompt
+                else:  # an enclosing trace's wrapper
+                    self.pipeline.encode_prompt = self._previous_encode
                 self._wrapped_encode = False
 
     # ---- hooks --------------------------------------------------------------------------------
@@ -414,18 +425,26 @@ class Trace:
         self.recorder.begin_step(int(sample.shape[0]), bound.get("timestep"), tuple(sample.shape[-2:]))
 
     def _wrap_encode_prompt(self) -> None:
+        self._previous_encode = vars(self.pipeline).get("encode_prompt")
         original: Callable[..., Any] = self.pipeline.encode_prompt
-        signature = inspect.signature(original)
+        # Bind against the pipeline class's own method: a user's wrapper may hide the signature.
+        signature = inspect.signature(type(self.pipeline).encode_prompt)
         tokenizers = [
             t
             for t in (getattr(self.pipeline, "tokenizer", None), getattr(self.pipeline, "tokenizer_2", None))
             if t is not None
         ]
 
+        @functools.wraps(original)
         def encode_prompt(*args: Any, **kwargs: Any) -> Any:
-            bound = signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            self._start_call(bound.arguments, tokenizers)
+            try:
+                bound = signature.bind(self.pipeline, *args, **kwargs)
+            except TypeError:
+                arguments: dict[str, Any] = {}
+            else:
+                bound.apply_defaults()
+                arguments = dict(bound.arguments)
+            self._start_call(arguments, tokenizers)
             return original(*args, **kwargs)
 
         self.pipeline.encode_prompt = encode_prompt
@@ -434,7 +453,11 @@ class Trace:
     def _start_call(self, arguments: dict[str, Any], tokenizers: list[Any]) -> None:
         prompt = arguments.get("prompt")
         per_prompt = int(arguments.get("num_images_per_prompt") or 1)
-        cfg = bool(arguments.get("do_classifier_free_guidance", False))
+        cfg = bool(
+            arguments.get(
+                "do_classifier_free_guidance", getattr(self.pipeline, "do_classifier_free_guidance", False)
+            )
+        )
         prompts = _as_list(prompt)
         if prompts is not None:
             layouts = pipeline_layouts(tokenizers, prompts, _as_list(arguments.get("prompt_2"), len(prompts)))

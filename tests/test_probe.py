@@ -327,3 +327,26 @@ def test_probe_adds_no_host_synchronisation(sd1_pipe):
         call()
     assert traced.count == plain.count
     assert tr.record.n_steps == 3
+
+
+def test_nested_trace_is_refused_and_a_user_wrapper_survives(sd1_pipe):
+    before = dict(sd1_pipe.unet.attn_processors)
+    seen = []
+    original = sd1_pipe.encode_prompt
+
+    def user_wrapper(*args, **kwargs):
+        seen.append(1)
+        return original(*args, **kwargs)
+
+    sd1_pipe.encode_prompt = user_wrapper
+    try:
+        with memattn.trace(sd1_pipe) as tr:
+            with pytest.raises(RecordError, match="nested traces are not supported"), memattn.trace(sd1_pipe):
+                pass
+            sd1_pipe("a dog", num_inference_steps=2, generator=generators([0]), output_type="latent")
+        assert sd1_pipe.encode_prompt is user_wrapper and seen == [1]
+        # The wrapper hides the real signature, yet prompt and CFG are found (bound to the class method).
+        assert tr.record.n_images == 1 and tr.record.prompts == ("a dog",)
+    finally:
+        del sd1_pipe.encode_prompt
+    assert all(sd1_pipe.unet.attn_processors[name] is before[name] for name in before)
