@@ -161,8 +161,12 @@ class Recorder:
         segment.timesteps.append(timestep.detach() if isinstance(timestep, torch.Tensor) else timestep)
         segment.record = None
 
+    @torch.no_grad()
     def observe(self, layer: int, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> None:
-        """Store the query-mean attention probabilities of the observed rows (no host sync)."""
+        """Store the query-mean attention probabilities of the observed rows (no host sync).
+
+        Runs without autograd: in a training forward the record must not keep the graph alive.
+        """
         if not self.segments or not self.segments[-1].steps:
             return
         segment = self.segments[-1]

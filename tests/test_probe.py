@@ -350,3 +350,14 @@ def test_nested_trace_is_refused_and_a_user_wrapper_survives(sd1_pipe):
     finally:
         del sd1_pipe.encode_prompt
     assert all(sd1_pipe.unet.attn_processors[name] is before[name] for name in before)
+
+
+def test_training_forward_keeps_no_graph_in_the_record():
+    torch.manual_seed(0)
+    unet = sd1_unet().train()
+    sample, context = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
+    with memattn.trace(unet) as tr:
+        loss = unet(sample, 10, encoder_hidden_states=context).sample.pow(2).mean()
+        loss.backward()
+        assert not tr.record.attention.requires_grad
+    assert unet.conv_in.weight.grad is not None
