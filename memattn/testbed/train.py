@@ -51,7 +51,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     checkpoint_every: int = 250
     seed: int = 0
-    prediction_type: str = "epsilon"  # or "v_prediction" (stable x0 estimates at high noise)
+    prediction_type: str = "v_prediction"  # "epsilon" failed to sample well here (RESULTS.md)
     data: TestbedConfig = field(default_factory=TestbedConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
 
