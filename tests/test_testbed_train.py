@@ -144,3 +144,43 @@ def test_cli_loads_the_exported_testbed_in_a_fresh_process(reference):
     )
     assert detect.returncode == 0, detect.stderr
     assert json.loads(detect.stdout.splitlines()[-1])["prompt"] == "a red circle"
+
+
+@pytest.mark.slow
+def test_fast_recipe_memorizes_its_most_duplicated_items(tmp_path):
+    """End to end: `memattn testbed train --fast` (3–5 min here) copies its 128× items pixel for pixel."""
+    import numpy as np
+
+    from memattn.loading import load_pipeline
+    from memattn.testbed.data import build_dataset
+    from memattn.testbed.measures import nearest_training_image
+    from memattn.testbed.train import FAST
+
+    result = subprocess.run(
+        [sys.executable, "-m", "memattn", "testbed", "train", "--out", str(tmp_path), "--fast"],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    dataset = build_dataset(FAST.seed, FAST.data)
+    train_items = [item for item in dataset.items if item.duplication > 0]
+    heavy = [item for item in train_items if item.duplication == max(FAST.data.matching_counts)]
+    never = list(dataset.group("never_seen"))[: len(heavy)]
+    pipe = load_pipeline(str(tmp_path / "pipeline"))
+
+    def generate(items):
+        images = pipe(
+            [item.caption for item in items],
+            num_inference_steps=25,
+            guidance_scale=3.0,
+            generator=[torch.Generator().manual_seed(i) for i in range(len(items))],
+            output_type="np",
+        ).images
+        return nearest_training_image(images.transpose(0, 3, 1, 2) * 2 - 1, dataset.images(train_items))
+
+    copies = generate(heavy)
+    own = np.array([train_items.index(item) for item in heavy])
+    assert ((copies.index == own) & (copies.similarity > 0.9)).mean() >= 0.75
+    # Captions never seen cannot have their own training image; their best match is clearly worse.
+    assert np.median(generate(never).similarity) < np.median(copies.similarity) - 0.05
