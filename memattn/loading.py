@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from memattn.errors import ModelNotFoundError
+from memattn.errors import MemattnError, ModelNotFoundError
 
 DTYPES = {
     "float32": torch.float32,
@@ -29,7 +29,7 @@ def parse_dtype(name: str) -> torch.dtype:
     try:
         return DTYPES[name.lower()]
     except KeyError:
-        raise ModelNotFoundError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
+        raise MemattnError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
 
 
 def load_pipeline(model: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Any:
