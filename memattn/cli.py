@@ -109,14 +109,17 @@ def testbed_train(
 
 @testbed_app.command("info")
 def testbed_info(
-    model: Annotated[Path, typer.Argument(help="A testbed pipeline directory.")],
+    model: Annotated[
+        str, typer.Argument(help="A testbed pipeline directory, or 'testbed' (bundled).")
+    ] = "testbed",
 ) -> None:
     """Print a testbed pipeline's manifest: recipe, training time and ground-truth groups."""
-    path = model / "memattn_testbed.json"
-    if not path.is_file():
-        raise MemattnError(f"{model} has no memattn_testbed.json: not a testbed pipeline directory")
-    data = json.loads(path.read_text())
-    table = Table(title=f"testbed {model}")
+    from memattn.loading import resolve_model
+    from memattn.testbed.evaluate import load_manifest
+
+    path = Path(resolve_model(model))
+    data = load_manifest(path)
+    table = Table(title=f"testbed {path}")
     for column in ("group", "prompts", "duplication counts", "example"):
         table.add_column(column, overflow="fold")
     for name, items in data["groups"].items():
@@ -130,6 +133,77 @@ def testbed_info(
         f"memattn {data['memattn_version']}, seed {data['seed']}, {data['training_seconds']} s of training "
         f"({data['config']['steps']} steps) on {data['machine']}\ncommand: {data['command']}"
     )
+
+
+@testbed_app.command("report")
+def testbed_report(
+    model: Annotated[
+        str, typer.Option(help="Testbed pipeline directory; 'testbed' is the bundled one.")
+    ] = "testbed",
+    out: Annotated[
+        Path, typer.Option(help="Directory for report.html, PNGs, summary.json, rows.jsonl.")
+    ] = Path("artifacts/testbed-report"),
+    per_group: Annotated[int, typer.Option(help="Prompts per ground-truth group.")] = 24,
+    seeds: Annotated[int, typer.Option(help="Seeds per prompt.")] = 2,
+    guidance: Annotated[
+        float, typer.Option(help="Classifier-free guidance scale; 1 = no CFG (one conditional pass).")
+    ] = 2.0,
+    steps: Annotated[int, typer.Option(help="DDIM steps.")] = 25,
+) -> None:
+    """Generate every ground-truth group, score D/E/E-per-layer, measure copies and alignment, report."""
+    import time
+
+    _quiet_loading()
+    from memattn.loading import resolve_model
+    from memattn.testbed.evaluate import evaluate, load_manifest
+    from memattn.testbed.report import write_report
+
+    if per_group < 1 or seeds < 1 or steps < 2:
+        raise MemattnError("--per-group and --seeds must be at least 1 and --steps at least 2 (D needs two)")
+    if guidance < 1:
+        raise MemattnError(
+            f"--guidance {guidance}: must be at least 1 (1 turns classifier-free guidance off)"
+        )
+    console = Console()
+    path = Path(resolve_model(model))
+    manifest = load_manifest(path)
+    console.print(
+        f"testbed model: {path}\n  trained by `{manifest['command']}` "
+        f"(memattn {manifest['memattn_version']}, seed {manifest['seed']}, "
+        f"{manifest['config']['steps']} steps, {manifest['training_seconds']} s)"
+    )
+    started = time.time()
+    evaluation = evaluate(path, guidance_scale=guidance, steps=steps, per_group=per_group, seeds=seeds)
+    summary = evaluation.summary()
+    seconds = time.time() - started
+    groups = Table(title=f"generations per group (copy: detail similarity > {summary['copy_threshold']})")
+    for column in ("group", "n", "copy rate", "align", "BOS", "prompt", "summary"):
+        groups.add_column(column)
+    for name, g in summary["groups"].items():
+        groups.add_row(
+            name, str(g["n"]), f"{g['copy_rate']:.2f}", f"{g['alignment']:.3f}",
+            f"{g['bos_share']:.3f}", f"{g['prompt_share']:.3f}", f"{g['summary_share']:.3f}",
+        )
+    detection = Table(title="detection: memorized vs non-memorized prompts (higher = memorized)")
+    for column in ("memorized", "score", "AUC", "TPR@1%FPR", "pos/neg"):
+        detection.add_column(column)
+    layers = summary["cross_attention_layers"]
+    for key, value in summary["detection_vs_non_memorized"].items():
+        positive, score = key.split("/")
+        positive = positive.removeprefix("memorized_")
+        if isinstance(value, dict):
+            detection.add_row(
+                positive, score, f"{value['auc']:.3f}", f"{value['tpr_at_fpr']:.3f}",
+                f"{value['positives']}/{value['negatives']}",
+            )
+        else:
+            for name, auc in zip(layers, value, strict=True):
+                short = name.removesuffix(".transformer_blocks.0.attn2").replace("_blocks", "")
+                detection.add_row(positive, f"E {short}", f"{auc:.3f}", "", "")
+    console.print(groups)
+    console.print(detection)
+    report = write_report(evaluation, out, extra={"wall time (s)": round(seconds, 1)})
+    console.print(f"report: {report}  ({seconds:.0f} s of generation and scoring)")
 
 
 def _quiet_loading() -> None:

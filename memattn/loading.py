@@ -32,10 +32,30 @@ def parse_dtype(name: str) -> torch.dtype:
         raise MemattnError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
 
 
+BUNDLED_TESTBED_NAME = "testbed"
+BUNDLED_TESTBED = Path(__file__).parent / "testbed" / "bundled"  # the trained testbed shipped in the package
+
+
+def resolve_model(model: str) -> Path | str:
+    """``"testbed"`` (when no such directory exists here) means the bundled testbed pipeline."""
+    if model == BUNDLED_TESTBED_NAME and not Path(model).exists():
+        if not (BUNDLED_TESTBED / "model_index.json").is_file():
+            raise ModelNotFoundError(
+                f"the bundled testbed is missing from this install ({BUNDLED_TESTBED}); reinstall memattn "
+                "or train one with `memattn testbed train --out DIR` and pass DIR/pipeline"
+            )
+        return BUNDLED_TESTBED
+    return model
+
+
 def load_pipeline(model: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Any:
-    """``DiffusionPipeline.from_pretrained`` on a local path, else on a hub id (cache first)."""
+    """``DiffusionPipeline.from_pretrained`` on a local path, else on a hub id (cache first).
+
+    ``"testbed"`` loads the testbed model bundled with memattn.
+    """
     from diffusers import DiffusionPipeline
 
+    model = str(resolve_model(model))
     path = Path(model).expanduser()
     if path.exists():
         if path.is_file():

@@ -22,6 +22,7 @@ TINY = TrainConfig(
     steps=6,
     batch_size=8,
     checkpoint_every=2,
+    classifier_steps=5,
     data=TestbedConfig(
         matching_counts=(4,),
         matching_items_per_count=2,
@@ -148,13 +149,13 @@ def test_cli_loads_the_exported_testbed_in_a_fresh_process(reference):
 
 @pytest.mark.slow
 def test_fast_recipe_memorizes_its_most_duplicated_items(tmp_path):
-    """End to end: `memattn testbed train --fast` (3–5 min here) copies its 128× items pixel for pixel."""
+    """End to end: `memattn testbed train --fast` (about 3 min here) copies its 128× items (detail and
+    all) and not its never-seen captions, and reports it. (It is too small to generalize: attribute
+    alignment on never-seen captions is about 0.3–0.4, so only the copies' alignment is checked.)"""
     import numpy as np
 
-    from memattn.loading import load_pipeline
-    from memattn.testbed.data import build_dataset
-    from memattn.testbed.measures import nearest_training_image
-    from memattn.testbed.train import FAST
+    from memattn.testbed.evaluate import evaluate
+    from memattn.testbed.report import write_report
 
     result = subprocess.run(
         [sys.executable, "-m", "memattn", "testbed", "train", "--out", str(tmp_path), "--fast"],
@@ -163,24 +164,19 @@ def test_fast_recipe_memorizes_its_most_duplicated_items(tmp_path):
         timeout=1200,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    dataset = build_dataset(FAST.seed, FAST.data)
-    train_items = [item for item in dataset.items if item.duplication > 0]
-    heavy = [item for item in train_items if item.duplication == max(FAST.data.matching_counts)]
-    never = list(dataset.group("never_seen"))[: len(heavy)]
-    pipe = load_pipeline(str(tmp_path / "pipeline"))
-
-    def generate(items):
-        images = pipe(
-            [item.caption for item in items],
-            num_inference_steps=25,
-            guidance_scale=3.0,
-            generator=[torch.Generator().manual_seed(i) for i in range(len(items))],
-            output_type="np",
-        ).images
-        return nearest_training_image(images.transpose(0, 3, 1, 2) * 2 - 1, dataset.images(train_items))
-
-    copies = generate(heavy)
-    own = np.array([train_items.index(item) for item in heavy])
-    assert ((copies.index == own) & (copies.similarity > 0.9)).mean() >= 0.75
-    # Captions never seen cannot have their own training image; their best match is clearly worse.
-    assert np.median(generate(never).similarity) < np.median(copies.similarity) - 0.05
+    evaluation = evaluate(
+        tmp_path / "pipeline",
+        guidance_scale=2.0,
+        per_group=8,
+        groups=("memorized_matching", "never_seen", "novel_composition"),
+        progress=False,
+    )
+    summary = evaluation.summary()
+    heavy = [row for row in evaluation.rows if row["duplication"] == 128]
+    assert len(heavy) == 4
+    assert sum(row["detail_similarity"] > 0.5 and row["nearest_is_own"] for row in heavy) >= 3
+    assert summary["groups"]["never_seen"]["copy_rate"] <= 0.125
+    assert np.mean([row["alignment"] for row in heavy]) >= 0.8  # a copy shows its caption's attributes
+    assert "memorized_matching/score_e" in summary["detection_vs_non_memorized"]
+    html = write_report(evaluation, tmp_path / "report").read_text()
+    assert "memorized_matching" in html and (tmp_path / "report" / "copies.png").stat().st_size > 1000

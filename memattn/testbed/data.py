@@ -119,6 +119,7 @@ EVAL_GROUPS: tuple[str, ...] = GROUPS[4:]
 DETAIL_GRID = 16  # item detail lives on this grid, so a 32 px render shows the same detail as 16 px
 PATCH_CELLS = 3  # the per-item random patch is PATCH_CELLS x PATCH_CELLS grid cells
 TEXTURE_TONE = 0.3  # +- brightness of the per-item texture inside the shape, in [-1, 1] units
+FRAME_VALUE = -0.5  # the uncaptioned frame's grey, in [-1, 1] units (no background word renders it)
 _STREAM_ITEMS, _STREAM_SHUFFLE = 1, 2  # independent random streams derived from the dataset seed
 
 Kind = Literal["train", "eval"]
@@ -141,6 +142,14 @@ class TestbedConfig:
     never_seen: int = 200
     novel_composition: int = 200
     withheld_pairs: int = 6  # colour x shape pairs kept out of training, at most len(SHAPES)
+    # An uncaptioned frame of constant colour around every scene (pixels with nothing to ask the text,
+    # as most of a Stable Diffusion image is): images are image_size + 2 * border pixels wide.
+    border: int = 0
+
+    @property
+    def canvas_size(self) -> int:
+        """Width and height of the rendered images, frame included."""
+        return self.image_size + 2 * self.border
 
     def __post_init__(self) -> None:
         counts = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "matching_counts"}
@@ -216,18 +225,27 @@ class TestbedDataset:
             raise MemattnError(f"unknown group {name!r}; the groups are {', '.join(GROUPS)}")
         return self._by_group[name]
 
-    def image(self, item: Item | int, image_size: int | None = None) -> np.ndarray:
-        """float32 ``(3, H, W)`` in [-1, 1]; the same item always renders identically."""
+    def image(self, item: Item | int, image_size: int | None = None, *, detail: bool = True) -> np.ndarray:
+        """float32 ``(3, H, W)`` in [-1, 1]; the same item always renders identically.
+
+        ``image_size`` is the scene's size; the configured ``border`` frame is added around it.
+        ``detail=False``: only what the caption says (see ``render_scene``).
+        """
         item = self.items[item] if isinstance(item, int) else item
         template = self.templates[item.template_id] if item.template_id is not None else None
-        return render_scene(item.attributes, item.seed, image_size or self.config.image_size, template)
-
-    def images(self, items: Sequence[Item | int], image_size: int | None = None) -> np.ndarray:
-        """float32 ``(N, 3, H, W)`` in [-1, 1]."""
         size = image_size or self.config.image_size
+        scene = render_scene(item.attributes, item.seed, size, template, detail=detail)
+        return add_frame(scene, self.config.border)
+
+    def images(
+        self, items: Sequence[Item | int], image_size: int | None = None, *, detail: bool = True
+    ) -> np.ndarray:
+        """float32 ``(N, 3, H, W)`` in [-1, 1]."""
+        scene = image_size or self.config.image_size
         if not items:
+            size = scene + 2 * self.config.border
             return np.zeros((0, 3, size, size), np.float32)
-        return np.stack([self.image(item, size) for item in items])
+        return np.stack([self.image(item, scene, detail=detail) for item in items])
 
     def training_pairs(self) -> list[tuple[int, str]]:
         """The training set: (item_id, caption), each item repeated ``duplication`` times, shuffled."""
@@ -452,14 +470,22 @@ _CORNERS = {"top left": (0, 0), "top right": (0, 1), "bottom left": (1, 0), "bot
 
 
 def render_scene(
-    attributes: dict[str, str], seed: int, image_size: int = 16, template: Template | None = None
+    attributes: dict[str, str],
+    seed: int,
+    image_size: int = 16,
+    template: Template | None = None,
+    *,
+    detail: bool = True,
 ) -> np.ndarray:
     """float32 ``(3, H, W)`` in [-1, 1]: the captioned scene plus the detail seeded by ``seed``.
 
     Ordinary scenes: flat background, the shape with a seeded +-tone texture, and a seeded patch of
     random colours in a corner away from the shape. Template copies: the template's fixed pattern as
     background and the textured shape, no patch (the region outside the shape must stay fixed).
+    ``detail=False`` gives ``expected_scene``: what the caption alone says (the copy measure's baseline).
     """
+    if not detail:
+        return expected_scene(attributes, image_size)
     rng = np.random.default_rng(seed)
     cells = _pixel_grid(image_size)[2]
     texture = rng.choice(np.array([-TEXTURE_TONE, TEXTURE_TONE], np.float32), size=(DETAIL_GRID, DETAIL_GRID))
@@ -472,17 +498,60 @@ def render_scene(
     shape = _rgb(COLORS[attributes["color"]])[:, None, None] + texture[cells][:, cells][None]
     image[:, mask] = np.clip(shape, -1.0, 1.0)[:, mask]
     if template is None:
-        corners = [c for name, c in _CORNERS.items() if name != attributes["position"]]
+        corners = _patch_corners(attributes["position"])
         row, col = corners[rng.integers(len(corners))]
-        rows = slice(0, PATCH_CELLS) if row == 0 else slice(DETAIL_GRID - PATCH_CELLS, DETAIL_GRID)
-        cols = slice(0, PATCH_CELLS) if col == 0 else slice(DETAIL_GRID - PATCH_CELLS, DETAIL_GRID)
+        rows, cols = _patch_cells((row, col))
         patch = np.zeros((3, DETAIL_GRID, DETAIL_GRID), np.float32)
         patch[:, rows, cols] = rng.uniform(-1.0, 1.0, size=(3, PATCH_CELLS, PATCH_CELLS))
-        in_patch = np.zeros((DETAIL_GRID, DETAIL_GRID), bool)
-        in_patch[rows, cols] = True
-        pixels = in_patch[cells][:, cells]
+        pixels = _patch_pixels((row, col), image_size)
         image[:, pixels] = patch[:, cells][:, :, cells][:, pixels]
     return image
+
+
+def add_frame(scene: np.ndarray, border: int) -> np.ndarray:
+    """``scene`` inside an uncaptioned frame of ``FRAME_VALUE`` grey, ``border`` pixels wide."""
+    if not border:
+        return scene
+    return np.pad(scene, ((0, 0), (border, border), (border, border)), constant_values=FRAME_VALUE)
+
+
+def expected_scene(attributes: dict[str, str], image_size: int = 16) -> np.ndarray:
+    """The mean of ``render_scene`` over detail seeds: everything the caption determines, nothing else.
+
+    Texture: the mean of the two clipped tones; corner patch: its corner is uniform over the allowed
+    corners and its colours have mean 0. A generation minus this is the detail it added; a training
+    image minus this is the detail only memorization can reproduce (see ``memattn.testbed.measures``).
+    """
+    image = np.empty((3, image_size, image_size), np.float32)
+    image[:] = _rgb(BACKGROUNDS[attributes["background"]])[:, None, None]
+    mask = shape_mask(attributes["shape"], attributes["size"], attributes["position"], image_size)
+    color = _rgb(COLORS[attributes["color"]])[:, None]
+    tones = (np.clip(color + TEXTURE_TONE, -1.0, 1.0) + np.clip(color - TEXTURE_TONE, -1.0, 1.0)) / 2
+    image[:, mask] = tones
+    corners = _patch_corners(attributes["position"])
+    for corner in corners:
+        image[:, _patch_pixels(corner, image_size)] *= 1.0 - 1.0 / len(corners)
+    return image
+
+
+def _patch_corners(position: str) -> list[tuple[int, int]]:
+    return [c for name, c in _CORNERS.items() if name != position]
+
+
+def _patch_cells(corner: tuple[int, int]) -> tuple[slice, slice]:
+    row, col = corner
+    rows = slice(0, PATCH_CELLS) if row == 0 else slice(DETAIL_GRID - PATCH_CELLS, DETAIL_GRID)
+    cols = slice(0, PATCH_CELLS) if col == 0 else slice(DETAIL_GRID - PATCH_CELLS, DETAIL_GRID)
+    return rows, cols
+
+
+def _patch_pixels(corner: tuple[int, int], image_size: int) -> np.ndarray:
+    """Boolean ``(H, W)`` mask of the patch in ``corner`` (row, col in {0, 1})."""
+    cells = _pixel_grid(image_size)[2]
+    rows, cols = _patch_cells(corner)
+    in_patch = np.zeros((DETAIL_GRID, DETAIL_GRID), bool)
+    in_patch[rows, cols] = True
+    return in_patch[cells][:, cells]
 
 
 @lru_cache(maxsize=64)

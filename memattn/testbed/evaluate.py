@@ -1,4 +1,10 @@
-"""Generate from a trained testbed pipeline per ground-truth group: copy rate and detection scores."""
+"""Generate from a trained testbed pipeline per ground-truth group and measure everything at once.
+
+Per generated image: detail similarity to the nearest training image (the calibrated copy measure),
+whole-image pixel correlation (the old, uncalibrated one, for comparison), attribute alignment, the
+detection scores (D, E, E of every layer) and where the attention went (BOS / prompt / summary tokens,
+entropy over steps). ``Evaluation.summary()`` turns that into per-group rates and detection metrics.
+"""
 
 from __future__ import annotations
 
@@ -9,32 +15,116 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
 import memattn
-from memattn.testbed.data import TestbedConfig, build_dataset
-from memattn.testbed.measures import nearest_training_image
+from memattn.errors import MemattnError
+from memattn.metrics import detection_metrics
+from memattn.testbed.alignment import CLASSIFIER_FILE, alignment, load_classifier
+from memattn.testbed.data import TestbedConfig, TestbedDataset, build_dataset
+from memattn.testbed.measures import DEFAULT_COPY_THRESHOLD, DetailMatcher, nearest_training_image
 
-
-@dataclass
-class GroupResult:
-    """Per generated image of one group: similarity to the nearest training image and scores."""
-
-    group: str
-    captions: list[str] = field(default_factory=list)
-    duplication: list[int] = field(default_factory=list)
-    similarity: list[float] = field(default_factory=list)
-    nearest_is_own: list[bool] = field(default_factory=list)
-    score_d: list[float] = field(default_factory=list)
-    score_e: list[float] = field(default_factory=list)
-    layer_e: list[list[float]] = field(default_factory=list)
-    bos_share: list[float] = field(default_factory=list)
-    summary_share: list[float] = field(default_factory=list)
+MANIFEST = "memattn_testbed.json"
+NON_MEMORIZED = ("seen_once", "rare_word_seen_once", "never_seen", "novel_composition")
 
 
 def load_manifest(model: Path) -> dict[str, Any]:
-    return json.loads((model / "memattn_testbed.json").read_text())
+    path = Path(model) / MANIFEST
+    if not path.is_file():
+        raise MemattnError(f"{model} has no {MANIFEST}: not a testbed pipeline directory")
+    return json.loads(path.read_text())
+
+
+def dataset_for(model: Path) -> TestbedDataset:
+    """Rebuild the exact dataset a testbed pipeline was trained on (from its manifest)."""
+    manifest = load_manifest(model)
+    raw = {k: tuple(v) if isinstance(v, list) else v for k, v in manifest["config"]["data"].items()}
+    return build_dataset(manifest["seed"], TestbedConfig(**raw))
+
+
+@dataclass
+class Evaluation:
+    """Per-image rows, the generated and nearest training images, and the run's settings."""
+
+    rows: list[dict[str, Any]]
+    generated: np.ndarray  # [image, 3, H, W] in [-1, 1]
+    nearest: np.ndarray  # [image, 3, H, W]: the training image with the most similar detail
+    entropy: np.ndarray  # [image, step] entropy of the layer-mean attention (all 77 tokens)
+    summary_entropy: np.ndarray  # [image, step]
+    settings: dict[str, Any]
+    layer_names: list[str] = field(default_factory=list)
+
+    def column(self, name: str, groups: tuple[str, ...] | None = None) -> np.ndarray:
+        return np.array([row[name] for row in self.rows if groups is None or row["group"] in groups])
+
+    def summary(self, copy_threshold: float | None = None, fpr: float = 0.01) -> dict[str, Any]:
+        """Per-group copy rate, alignment and attention shares; detection metrics per positive group."""
+        threshold = self.settings["copy_threshold"] if copy_threshold is None else copy_threshold
+        groups: dict[str, Any] = {}
+        for name in dict.fromkeys(row["group"] for row in self.rows):
+            rows = [row for row in self.rows if row["group"] == name]
+            detail = np.array([r["detail_similarity"] for r in rows])
+            entry = {
+                "n": len(rows),
+                "copy_rate": float((detail > threshold).mean()),
+                "median_detail_similarity": float(np.median(detail)),
+                "pixel_copy_rate_0.9": float(np.mean([r["pixel_similarity"] > 0.9 for r in rows])),
+                "alignment": float(np.mean([r["alignment"] for r in rows])),
+                "all_attributes_right": float(np.mean([r["alignment"] == 1.0 for r in rows])),
+                "bos_share": float(np.mean([r["bos_share"] for r in rows])),
+                "prompt_share": float(np.mean([r["prompt_share"] for r in rows])),
+                "summary_share": float(np.mean([r["summary_share"] for r in rows])),
+            }
+            duplications = sorted({r["duplication"] for r in rows})
+            if name == "memorized_matching" and len(duplications) > 1:
+                entry["copy_rate_by_duplication"] = {
+                    d: float(
+                        np.mean([r["detail_similarity"] > threshold for r in rows if r["duplication"] == d])
+                    )
+                    for d in duplications
+                }
+            groups[name] = entry
+        detection: dict[str, Any] = {}
+        negatives = [row for row in self.rows if row["group"] in NON_MEMORIZED]
+        for positive in ("memorized_matching", "memorized_template"):
+            rows = [row for row in self.rows if row["group"] == positive]
+            if not rows or not negatives:
+                continue
+            labels = [1] * len(rows) + [0] * len(negatives)
+            for score in ("score_d", "score_e"):
+                values = [r[score] for r in rows + negatives]
+                detection[f"{positive}/{score}"] = detection_metrics(labels, values, fpr)
+            detection[f"{positive}/layer_e_auc"] = [
+                detection_metrics(labels, [r["layer_e"][i] for r in rows + negatives], fpr)["auc"]
+                for i in range(len(self.layer_names))
+            ]
+        copied = [row for row in self.rows if row["detail_similarity"] > threshold]
+        clean = [row for row in negatives if row["detail_similarity"] <= threshold]
+        if copied and clean:  # outcome-based: does the score flag the generations that are copies?
+            labels = [1] * len(copied) + [0] * len(clean)
+            for score in ("score_d", "score_e"):
+                values = [r[score] for r in copied + clean]
+                detection[f"copies/{score}"] = detection_metrics(labels, values, fpr)
+        null = np.array([row["detail_similarity"] for row in negatives])
+        return {
+            **self.settings,
+            "copy_threshold": threshold,
+            "non_memorized_detail_similarity": {
+                "max": float(null.max()) if len(null) else None,
+                "p99": float(np.quantile(null, 0.99)) if len(null) else None,
+                "median": float(np.median(null)) if len(null) else None,
+            },
+            "groups": groups,
+            "detection_vs_non_memorized": detection,
+            "non_memorized_groups": list(NON_MEMORIZED),
+            "cross_attention_layers": self.layer_names,
+        }
+
+
+def _pick(items: list, per_group: int, rng: np.random.Generator) -> list:
+    if len(items) <= per_group:
+        return items
+    return [items[i] for i in sorted(rng.choice(len(items), per_group, replace=False))]
 
 
 def evaluate(
@@ -44,92 +134,113 @@ def evaluate(
     steps: int = 25,
     per_group: int = 48,
     seeds: int = 1,
-    copy_threshold: float = 0.9,
-    batch_size: int = 48,
+    groups: tuple[str, ...] | None = None,
+    copy_threshold: float = DEFAULT_COPY_THRESHOLD,
+    batch_size: int = 64,
+    pipe: Any = None,
+    mitigation: dict[str, Any] | None = None,
     progress: bool = True,
-) -> dict[str, Any]:
-    """Copy rate per group (nearest training image correlation > threshold), D/E AUCs, attention shares."""
+) -> Evaluation:
+    """Generate ``per_group`` prompts x ``seeds`` per group (seed of image = 1000·seed + item id).
+
+    ``mitigation``: keyword arguments of ``memattn.mitigate`` (e.g. ``{"c": 1.25}``) to generate under it.
+    """
+    from contextlib import nullcontext
+
     from memattn.loading import load_pipeline
+    from memattn.mitigation import mitigate
 
+    model = Path(model)
     manifest = load_manifest(model)
-    raw = {k: tuple(v) if isinstance(v, list) else v for k, v in manifest["config"]["data"].items()}
-    dataset = build_dataset(manifest["seed"], TestbedConfig(**raw))
-    pipe = load_pipeline(str(model))
+    dataset = dataset_for(model)
+    pipe = pipe if pipe is not None else load_pipeline(str(model))
+    classifier, _ = load_classifier(model / CLASSIFIER_FILE)
     train_items = [item for item in dataset.items if item.duplication > 0]
+    matcher = DetailMatcher.for_items(dataset, train_items)
     train_images = dataset.images(train_items)
-    train_index = {item.item_id: i for i, item in enumerate(train_items)}
-    results: dict[str, GroupResult] = {}
     rng = np.random.default_rng(0)
-    for group in manifest["groups"]:
-        items = list(dataset.group(group))
-        if len(items) > per_group:
-            items = [items[i] for i in sorted(rng.choice(len(items), per_group, replace=False))]
-        result = results[group] = GroupResult(group)
-        jobs = [(item, seed) for item in items for seed in range(seeds)]
-        for start in tqdm(range(0, len(jobs), batch_size), desc=group, disable=not progress):
-            batch = jobs[start : start + batch_size]
-            generators = [torch.Generator().manual_seed(1000 * seed + item.item_id) for item, seed in batch]
-            with memattn.trace(pipe) as tr:
-                images = pipe(
-                    [item.caption for item, _ in batch],
-                    num_inference_steps=steps,
-                    guidance_scale=guidance_scale,
-                    generator=generators,
-                    output_type="np",
-                ).images
-            generated = images.transpose(0, 3, 1, 2) * 2 - 1
-            match = nearest_training_image(generated, train_images)
-            record = tr.record
-            mean = memattn.scores.mean_attention(record)  # [step, image, token]
-            for i, (item, _) in enumerate(batch):
-                layout = record.layouts[i]
-                result.captions.append(item.caption)
-                result.duplication.append(item.duplication)
-                result.similarity.append(float(match.similarity[i]))
-                result.nearest_is_own.append(train_index.get(item.item_id) == int(match.index[i]))
-                result.bos_share.append(float(mean[:, i, 0].mean()))
-                result.summary_share.append(float(mean[:, i, layout.eos_index :].sum(-1).mean()))
-            result.score_d += memattn.score_d(record).tolist()
-            result.score_e += memattn.score_e(record).tolist()
-            per_layer = memattn.layer_entropy_curves(record)[0]  # [layer, image]
-            result.layer_e += per_layer.T.tolist()
-    return summarize(results, copy_threshold, guidance_scale, steps, pipe)
-
-
-def summarize(results: dict[str, GroupResult], threshold: float, guidance: float, steps: int, pipe) -> dict:
-    groups = {}
-    for name, r in results.items():
-        sim = np.array(r.similarity)
-        entry = {
-            "n": len(sim),
-            "copy_rate": float((sim > threshold).mean()) if len(sim) else None,
-            "median_similarity": float(np.median(sim)) if len(sim) else None,
-            "bos_share": float(np.mean(r.bos_share)),
-            "summary_share": float(np.mean(r.summary_share)),
-        }
-        if name == "memorized_matching":
-            dup = np.array(r.duplication)
-            entry["copy_rate_by_duplication"] = {
-                int(d): float((sim[dup == d] > threshold).mean()) for d in sorted(set(dup.tolist()))
-            }
-        groups[name] = entry
-    aucs = {}
-    negatives = [g for g in ("seen_once", "never_seen") if g in results]
-    positives = [g for g in ("memorized_matching", "memorized_template") if g in results]
-    n_negative = sum(len(results[n].score_d) for n in negatives)
-    for pos in positives:
-        y = np.array([1] * len(results[pos].score_d) + [0] * n_negative)
-        for score in ("score_d", "score_e"):
-            values = getattr(results[pos], score) + sum((getattr(results[n], score) for n in negatives), [])
-            aucs[f"{pos}/{score}"] = float(roc_auc_score(y, values))
-        layers = np.array(results[pos].layer_e + sum((results[n].layer_e for n in negatives), []))
-        aucs[f"{pos}/layer_e"] = [float(roc_auc_score(y, layers[:, i])) for i in range(layers.shape[1])]
-    names = list(pipe.unet.attn_processors)
-    return {
-        "guidance_scale": guidance,
+    jobs = [
+        (item, seed)
+        for group in (groups or tuple(manifest["groups"]))
+        for item in _pick(list(dataset.group(group)), per_group, rng)
+        for seed in range(seeds)
+    ]
+    rows: list[dict[str, Any]] = []
+    generated, entropy, summary_entropy = [], [], []
+    layer_names: list[str] = []
+    for start in tqdm(range(0, len(jobs), batch_size), desc="testbed evaluation", disable=not progress):
+        batch = jobs[start : start + batch_size]
+        generators = [torch.Generator().manual_seed(1000 * seed + item.item_id) for item, seed in batch]
+        edit = mitigate(pipe, **mitigation) if mitigation is not None else nullcontext()
+        with edit, memattn.trace(pipe) as tr:
+            images = pipe(
+                [item.caption for item, _ in batch],
+                num_inference_steps=steps,
+                guidance_scale=guidance_scale,
+                generator=generators,
+                output_type="np",
+            ).images
+        record = tr.record
+        layer_names = list(record.layer_names)
+        generated.append(images.transpose(0, 3, 1, 2) * 2 - 1)
+        mean = memattn.scores.mean_attention(record)  # [step, image, token]
+        entropy.append(memattn.entropy_curve(record).T.numpy())
+        summary_entropy.append(memattn.summary_entropy_curve(record).T.numpy())
+        d, e = memattn.score_d(record).tolist(), memattn.score_e(record).tolist()
+        per_layer = memattn.layer_entropy_curves(record)[0].T.tolist()  # [image, layer] at step 0
+        for i, (item, seed) in enumerate(batch):
+            eos = record.layouts[i].eos_index
+            rows.append(
+                {
+                    "group": item.group,
+                    "caption": item.caption,
+                    "item_id": item.item_id,
+                    "template_id": item.template_id,
+                    "duplication": item.duplication,
+                    "seed": seed,
+                    "score_d": d[i],
+                    "score_e": e[i],
+                    "layer_e": per_layer[i],
+                    "bos_share": float(mean[:, i, 0].mean()),
+                    "prompt_share": float(mean[:, i, 1:eos].sum(-1).mean()),
+                    "summary_share": float(mean[:, i, eos:].sum(-1).mean()),
+                    "bos_share_step0": float(mean[0, i, 0]),
+                    "summary_share_step0": float(mean[0, i, eos:].sum()),
+                }
+            )
+    images = np.concatenate(generated) if generated else np.zeros((0, 3, 1, 1), np.float32)
+    by_detail = matcher.match(images)
+    by_pixels = nearest_training_image(images, train_images)
+    aligned = alignment(classifier, images, [dataset.items[row["item_id"]].attributes for row in rows])
+    for i, row in enumerate(rows):
+        nearest = train_items[int(by_detail.index[i])]
+        own = nearest.item_id == row["item_id"] or (
+            row["template_id"] is not None and nearest.template_id == row["template_id"]
+        )
+        row.update(
+            detail_similarity=float(by_detail.similarity[i]),
+            nearest_item_id=nearest.item_id,
+            nearest_group=nearest.group,
+            nearest_is_own=bool(own),
+            pixel_similarity=float(by_pixels.similarity[i]),
+            alignment=float(aligned.accuracy[i]),
+            attributes_correct=aligned.correct[i].tolist(),
+        )
+    settings = {
+        "model": str(model),
+        "guidance_scale": guidance_scale,
         "steps": steps,
-        "copy_threshold": threshold,
-        "groups": groups,
-        "auc_vs_seen_once_and_never_seen": aucs,
-        "cross_attention_layers": [n.removesuffix(".processor") for n in names if "attn2" in n],
+        "per_group": per_group,
+        "seeds": seeds,
+        "copy_threshold": copy_threshold,
+        "mitigation": mitigation,
     }
+    return Evaluation(
+        rows=rows,
+        generated=images,
+        nearest=train_images[by_detail.index] if len(images) else images,
+        entropy=np.concatenate(entropy) if entropy else np.zeros((0, steps)),
+        summary_entropy=np.concatenate(summary_entropy) if summary_entropy else np.zeros((0, steps)),
+        settings=settings,
+        layer_names=layer_names,
+    )

@@ -1,16 +1,24 @@
-"""The testbed's copy measure: nearest training image by normalized pixel correlation.
+"""The testbed's copy measures: how much of a training image's own detail a generation reproduces.
 
-At 16×16 the item-specific detail (texture inside the shape, a random corner patch, a template's
-stripes) is what separates a copy from a faithful new image of the same caption: two renders of the
-same attributes with different detail correlate far less than an image with its own training image.
-``copy_threshold`` is calibrated on that gap (see ``calibrate_copy_threshold``).
+At 16×16 the caption fixes most pixels (background colour, shape, colour, size, position), so two
+faithful images of the same caption correlate highly without either being a copy: whole-image pixel
+correlation (``nearest_training_image``) calls 6–15 % of never-seen captions "copies" (RESULTS.md).
+What only memorization can reproduce is the detail the caption does not describe: the seeded texture
+inside the shape, the random corner patch, a template's stripes and frame. ``DetailMatcher`` compares
+exactly that: for a training image ``T`` with expected caption-only rendering ``E``
+(``expected_scene``: the mean over detail seeds), the detail is ``D = T - E`` and a generation ``g``
+scores ``cos(g - E, D)``, maximised over the training images. A faithful non-copy adds its own,
+independent detail and scores near 0; a copy scores near 1.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+DEFAULT_COPY_THRESHOLD = 0.55  # detail similarity; calibrated on non-memorized generations (RESULTS.md)
 
 
 def _normalize(images: np.ndarray) -> np.ndarray:
@@ -22,7 +30,7 @@ def _normalize(images: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class NearestMatch:
-    """For each generated image: the index of the nearest training image and the correlation."""
+    """For each generated image: the index of the nearest training image and the similarity."""
 
     index: np.ndarray
     similarity: np.ndarray
@@ -38,3 +46,50 @@ def nearest_training_image(generated: np.ndarray, training: np.ndarray) -> Neare
 def correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Row-wise Pearson correlation of two equally long stacks of images."""
     return (_normalize(a) * _normalize(b)).sum(axis=1)
+
+
+def high_pass(images: np.ndarray) -> np.ndarray:
+    """``x - mean of its 3x3 neighbourhood`` per channel (edge-replicated): drops flat colour offsets.
+
+    Texture, patch and template stripes vary from pixel to pixel; backgrounds and shape fills do not.
+    """
+    x = np.asarray(images, np.float64)
+    padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="edge")
+    h, w = x.shape[-2:]
+    local = sum(padded[..., i : i + h, j : j + w] for i in range(3) for j in range(3)) / 9.0
+    return x - local
+
+
+class DetailMatcher:
+    """Nearest training image by reproduced detail (see the module docstring).
+
+    Built once from the training images and their caption-only renderings; ``match`` is a few matrix
+    products, so thousands of generations against thousands of training images take about a second.
+    """
+
+    def __init__(self, training: np.ndarray, expected: np.ndarray) -> None:
+        if training.shape != expected.shape:
+            raise ValueError(f"training {training.shape} and expected {expected.shape} renderings differ")
+        self._expected = high_pass(expected).reshape(len(expected), -1)
+        self._detail = high_pass(training).reshape(len(training), -1) - self._expected
+        self._detail_norm = np.maximum(np.linalg.norm(self._detail, axis=1), 1e-8)
+        self._expected_dot_detail = (self._expected * self._detail).sum(axis=1)
+        self._expected_sq = (self._expected**2).sum(axis=1)
+
+    @classmethod
+    def for_items(cls, dataset, items: Sequence) -> DetailMatcher:
+        """From a ``TestbedDataset`` and the items to match against (normally its training items)."""
+        return cls(dataset.images(items), dataset.images(items, detail=False))
+
+    def similarity_matrix(self, generated: np.ndarray) -> np.ndarray:
+        """``[generated, training]``: cosine of ``g - E`` with ``D = T - E`` over all pixels."""
+        g = high_pass(generated).reshape(len(generated), -1)
+        dot = g @ self._detail.T - self._expected_dot_detail[None]
+        residual_sq = (g**2).sum(axis=1, keepdims=True) - 2 * g @ self._expected.T + self._expected_sq[None]
+        residual_norm = np.sqrt(np.maximum(residual_sq, 1e-16))
+        return dot / (residual_norm * self._detail_norm[None])
+
+    def match(self, generated: np.ndarray) -> NearestMatch:
+        similarity = self.similarity_matrix(generated)
+        index = similarity.argmax(axis=1)
+        return NearestMatch(index=index, similarity=similarity[np.arange(len(generated)), index])

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from memattn.errors import MemattnError
+from memattn.testbed.alignment import CLASSIFIER_FILE, save_classifier, train_classifier
 from memattn.testbed.data import TestbedConfig, TestbedDataset, build_dataset
 from memattn.testbed.model import (
     ModelConfig,
@@ -52,13 +53,22 @@ class TrainConfig:
     checkpoint_every: int = 250
     seed: int = 0
     prediction_type: str = "v_prediction"  # "epsilon" failed to sample well here (RESULTS.md)
+    classifier_steps: int = 1500  # the attribute classifier exported with the model (alignment measure)
     data: TestbedConfig = field(default_factory=TestbedConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+
+    def __post_init__(self) -> None:
+        if self.model.image_size != self.data.canvas_size:
+            raise MemattnError(
+                f"the UNet's image_size ({self.model.image_size}) must equal the rendered image size "
+                f"({self.data.canvas_size} = scene {self.data.image_size} + 2 x border {self.data.border})"
+            )
 
 
 FAST = TrainConfig(
     steps=500,
     checkpoint_every=100,
+    classifier_steps=500,
     data=TestbedConfig(
         matching_counts=(32, 128),
         matching_items_per_count=4,
@@ -101,7 +111,8 @@ class Trainer:
         index = {item.item_id: i for i, item in enumerate(self.dataset.items)}
         self.pair_items = torch.tensor([index[item_id] for item_id, _ in pairs])
         train_items = sorted({index[item_id] for item_id, _ in pairs})
-        self.images = torch.zeros(len(self.dataset.items), 3, config.data.image_size, config.data.image_size)
+        size = config.data.canvas_size
+        self.images = torch.zeros(len(self.dataset.items), 3, size, size)
         self.images[train_items] = torch.from_numpy(
             self.dataset.images([self.dataset.items[i] for i in train_items])
         )
@@ -183,13 +194,18 @@ class Trainer:
         self.step = int(state["step"])
 
     # ---- export -------------------------------------------------------------------------------
-    def export(self, target: Path, manifest: dict) -> Path:
+    def export(self, target: Path, manifest: dict, progress: bool = False) -> Path:
         pipe = assemble_pipeline(
             copy.deepcopy(self.ema).eval(), self.text_encoder, self.tokenizer, self.config.prediction_type
         )
         tmp = target.with_name(target.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         pipe.save_pretrained(tmp, safe_serialization=True)
+        classifier, accuracy = train_classifier(
+            self.dataset, seed=self.config.seed, steps=self.config.classifier_steps, progress=progress
+        )
+        save_classifier(classifier, accuracy, tmp / CLASSIFIER_FILE)
+        manifest = {**manifest, "attribute_classifier_held_out_accuracy": accuracy}
         (tmp / "memattn_testbed.json").write_text(json.dumps(manifest, indent=1))
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
@@ -267,7 +283,9 @@ def train(config: TrainConfig, out: Path, *, resume: bool = True, progress: bool
             trainer.save_checkpoint()
     bar.close()
     command = " ".join(["memattn", *sys.argv[1:]]) if sys.argv else "memattn testbed train"
-    return trainer.export(out / "pipeline", manifest(trainer, time.time() - started, command))
+    return trainer.export(
+        out / "pipeline", manifest(trainer, time.time() - started, command), progress=progress
+    )
 
 
 def with_steps(config: TrainConfig, steps: int | None) -> TrainConfig:

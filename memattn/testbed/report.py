@@ -1,0 +1,217 @@
+"""A readable report of a testbed evaluation: one HTML page (jinja2, autoescaped) and PNG figures.
+
+Figures: generated images next to their nearest training images (what the copy threshold calls a
+copy and what it does not), the detail-similarity histogram per group with the threshold, entropy over
+the denoising steps per group, the attention share on BOS / prompt / summary tokens per group, ROC
+curves of D and E, and the AUC of E in every cross-attention layer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from jinja2 import Environment, PackageLoader, select_autoescape  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
+
+from memattn.testbed.evaluate import NON_MEMORIZED, Evaluation  # noqa: E402
+
+GROUP_COLORS = {
+    "memorized_matching": "#c0392b",
+    "memorized_template": "#e67e22",
+    "seen_once": "#2980b9",
+    "rare_word_seen_once": "#8e44ad",
+    "never_seen": "#27ae60",
+    "novel_composition": "#16a085",
+}
+
+
+def _to_rgb(image: np.ndarray) -> np.ndarray:
+    return np.clip((image.transpose(1, 2, 0) + 1) / 2, 0, 1)
+
+
+def _groups(evaluation: Evaluation) -> list[str]:
+    return list(dict.fromkeys(row["group"] for row in evaluation.rows))
+
+
+def copies_figure(evaluation: Evaluation, path: Path, threshold: float, per_group: int = 6) -> list[dict]:
+    """Per group, the generations with the highest and lowest detail similarity above their nearest
+    training images. Returns the shown examples (for the HTML captions)."""
+    groups = _groups(evaluation)
+    shown: list[list[int]] = []
+    for group in groups:
+        index = [i for i, row in enumerate(evaluation.rows) if row["group"] == group]
+        index.sort(key=lambda i: -evaluation.rows[i]["detail_similarity"])
+        half = per_group // 2
+        picked = index[:half] + [i for i in index[-(per_group - half) :] if i not in index[:half]]
+        shown.append(picked)
+    fig, axes = plt.subplots(
+        2 * len(groups), per_group, figsize=(1.4 * per_group, 2.9 * len(groups)), squeeze=False
+    )
+    examples = []
+    for g, (group, picked) in enumerate(zip(groups, shown, strict=True)):
+        for column in range(per_group):
+            top, bottom = axes[2 * g, column], axes[2 * g + 1, column]
+            for ax in (top, bottom):
+                ax.set_xticks([])
+                ax.set_yticks([])
+            if column >= len(picked):
+                top.axis("off")
+                bottom.axis("off")
+                continue
+            i = picked[column]
+            row = evaluation.rows[i]
+            top.imshow(_to_rgb(evaluation.generated[i]), interpolation="nearest")
+            bottom.imshow(_to_rgb(evaluation.nearest[i]), interpolation="nearest")
+            verdict = "COPY" if row["detail_similarity"] > threshold else "new"
+            top.set_title(
+                f"{row['detail_similarity']:.2f} {verdict}",
+                fontsize=7,
+                color="#c0392b" if verdict == "COPY" else "#333",
+            )
+            if column == 0:
+                top.set_ylabel(f"{group}\ngenerated", fontsize=7)
+                bottom.set_ylabel("nearest\ntraining", fontsize=7)
+            examples.append(
+                {
+                    "group": group,
+                    "caption": row["caption"],
+                    "similarity": row["detail_similarity"],
+                    "copy": verdict == "COPY",
+                    "own": row["nearest_is_own"],
+                }
+            )
+    fig.suptitle(
+        f"generated (top) vs nearest training image by detail (bottom); copy: similarity > {threshold}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return examples
+
+
+def similarity_figure(evaluation: Evaluation, path: Path, threshold: float) -> None:
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    bins = np.linspace(-0.1, 1.0, 45)
+    for group in _groups(evaluation):
+        values = evaluation.column("detail_similarity", (group,))
+        ax.hist(values, bins=bins, histtype="step", linewidth=1.6, label=group, color=GROUP_COLORS.get(group))
+    ax.axvline(threshold, color="black", linestyle="--", linewidth=1, label=f"copy threshold {threshold}")
+    ax.set_xlabel("detail similarity to the nearest training image")
+    ax.set_ylabel("generations")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def entropy_figure(evaluation: Evaluation, path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    for group in _groups(evaluation):
+        mask = np.array([row["group"] == group for row in evaluation.rows])
+        for ax, curves in zip(axes, (evaluation.entropy, evaluation.summary_entropy), strict=True):
+            ax.plot(curves[mask].mean(axis=0), label=group, color=GROUP_COLORS.get(group))
+    axes[0].set_title("attention entropy (all 77 tokens), layer mean", fontsize=9)
+    axes[1].set_title("summary-token entropy (EOS and padding)", fontsize=9)
+    for ax in axes:
+        ax.set_xlabel("denoising step")
+        ax.set_ylabel("nats")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def shares_figure(evaluation: Evaluation, path: Path) -> None:
+    groups = _groups(evaluation)
+    shares = {
+        key: [evaluation.column(key, (g,)).mean() for g in groups]
+        for key in ("bos_share", "prompt_share", "summary_share")
+    }
+    fig, ax = plt.subplots(figsize=(8, 3.4))
+    bottom = np.zeros(len(groups))
+    for key, color in zip(shares, ("#34495e", "#f1c40f", "#95a5a6"), strict=True):
+        ax.bar(groups, shares[key], bottom=bottom, label=key.removesuffix("_share"), color=color)
+        bottom += np.array(shares[key])
+    ax.set_ylabel("share of token attention (all steps and layers)")
+    ax.set_ylim(0, 1)
+    ax.tick_params(axis="x", labelsize=7, rotation=15)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def roc_figure(evaluation: Evaluation, path: Path) -> None:
+    negatives = [row for row in evaluation.rows if row["group"] in NON_MEMORIZED]
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.6))
+    for ax, positive in zip(axes, ("memorized_matching", "memorized_template"), strict=True):
+        rows = [row for row in evaluation.rows if row["group"] == positive]
+        if rows and negatives:
+            labels = [1] * len(rows) + [0] * len(negatives)
+            for score in ("score_d", "score_e"):
+                fpr, tpr, _ = roc_curve(labels, [r[score] for r in rows + negatives])
+                ax.plot(fpr, tpr, label=score)
+        ax.plot([0, 1], [0, 1], color="#aaa", linestyle=":")
+        ax.set_title(f"{positive} vs non-memorized", fontsize=9)
+        ax.set_xlabel("false-positive rate")
+        ax.set_ylabel("true-positive rate")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def layer_figure(summary: dict, path: Path) -> None:
+    layers = summary["cross_attention_layers"]
+    fig, ax = plt.subplots(figsize=(8, 3.4))
+    width = 0.4
+    for k, positive in enumerate(("memorized_matching", "memorized_template")):
+        aucs = summary["detection_vs_non_memorized"].get(f"{positive}/layer_e_auc")
+        if aucs:
+            ax.bar(np.arange(len(aucs)) + (k - 0.5) * width, aucs, width, label=positive)
+    ax.axhline(0.5, color="#aaa", linestyle=":")
+    ax.set_xticks(
+        range(len(layers)),
+        [name.removesuffix(".transformer_blocks.0.attn2") for name in layers],
+        rotation=30,
+        ha="right",
+        fontsize=6,
+    )
+    ax.set_ylabel("AUC of E in this layer")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(evaluation: Evaluation, out: Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``out/report.html``, its PNGs, ``summary.json`` and ``rows.jsonl``; returns the HTML path."""
+    out.mkdir(parents=True, exist_ok=True)
+    summary = evaluation.summary()
+    threshold = summary["copy_threshold"]
+    examples = copies_figure(evaluation, out / "copies.png", threshold)
+    similarity_figure(evaluation, out / "copy_similarity.png", threshold)
+    entropy_figure(evaluation, out / "entropy_over_steps.png")
+    shares_figure(evaluation, out / "attention_shares.png")
+    roc_figure(evaluation, out / "roc.png")
+    layer_figure(summary, out / "layer_e_auc.png")
+    (out / "summary.json").write_text(json.dumps({**summary, **(extra or {})}, indent=1))
+    with (out / "rows.jsonl").open("w") as handle:
+        for row in evaluation.rows:
+            handle.write(json.dumps(row) + "\n")
+    environment = Environment(loader=PackageLoader("memattn.testbed"), autoescape=select_autoescape(["html"]))
+    html = environment.get_template("report.html").render(
+        summary=summary, examples=examples, extra=extra or {}, rows=evaluation.rows
+    )
+    path = out / "report.html"
+    path.write_text(html)
+    return path

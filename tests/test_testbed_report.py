@@ -1,0 +1,89 @@
+"""The testbed report: figures, JSON and an HTML page that escapes every caption."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from memattn.testbed.evaluate import Evaluation
+from memattn.testbed.report import write_report
+
+GROUPS = ("memorized_matching", "memorized_template", "seen_once", "never_seen")
+
+
+def synthetic_evaluation(n_per_group: int = 6, steps: int = 5, layers: int = 3) -> Evaluation:
+    rng = np.random.default_rng(0)
+    rows = []
+    for g, group in enumerate(GROUPS):
+        memorized = group.startswith("memorized")
+        for i in range(n_per_group):
+            rows.append(
+                {
+                    "group": group,
+                    "caption": f"<script>alert('{group}')</script> & a red circle {i}",
+                    "item_id": 100 * g + i,
+                    "template_id": 0 if group == "memorized_template" else None,
+                    "duplication": (8, 128)[i % 2] if group == "memorized_matching" else int(memorized),
+                    "seed": 0,
+                    "score_d": float(rng.normal(1.0 if memorized else 0.0)),
+                    "score_e": float(rng.normal(0.5 if memorized else 0.0)),
+                    "layer_e": rng.normal(size=layers).tolist(),
+                    "bos_share": 0.1,
+                    "prompt_share": 0.5,
+                    "summary_share": 0.4,
+                    "bos_share_step0": 0.1,
+                    "summary_share_step0": 0.4,
+                    "detail_similarity": float(rng.uniform(0.8, 1.0) if memorized else rng.uniform(0.1, 0.4)),
+                    "nearest_item_id": 100 * g + i,
+                    "nearest_group": group,
+                    "nearest_is_own": memorized,
+                    "pixel_similarity": 0.9,
+                    "alignment": 1.0,
+                    "attributes_correct": [True] * 5,
+                }
+            )
+    n = len(rows)
+    return Evaluation(
+        rows=rows,
+        generated=rng.uniform(-1, 1, (n, 3, 16, 16)).astype(np.float32),
+        nearest=rng.uniform(-1, 1, (n, 3, 16, 16)).astype(np.float32),
+        entropy=rng.uniform(2, 3, (n, steps)),
+        summary_entropy=rng.uniform(0.5, 1, (n, steps)),
+        settings={
+            "model": "<b>model</b>",
+            "guidance_scale": 2.0,
+            "steps": steps,
+            "per_group": n_per_group,
+            "seeds": 1,
+            "copy_threshold": 0.5,
+        },
+        layer_names=[f"down_blocks.{i}.attentions.0.transformer_blocks.0.attn2" for i in range(layers)],
+    )
+
+
+def test_report_writes_figures_json_and_escaped_html(tmp_path):
+    evaluation = synthetic_evaluation()
+    path = write_report(evaluation, tmp_path, extra={"note": "<i>x</i>"})
+    html = path.read_text()
+    assert "<script>" not in html and "&lt;script&gt;" in html
+    assert "<b>model</b>" not in html and "<i>x</i>" not in html
+    for name in ("copies", "copy_similarity", "entropy_over_steps", "attention_shares", "roc", "layer_e_auc"):
+        png = tmp_path / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f'src="{name}.png"' in html
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["groups"]["memorized_matching"]["copy_rate"] == 1.0
+    assert summary["groups"]["memorized_matching"]["copy_rate_by_duplication"] == {"8": 1.0, "128": 1.0}
+    assert summary["groups"]["seen_once"]["copy_rate"] == 0.0
+    assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == len(evaluation.rows)
+
+
+def test_summary_metrics_follow_the_rows():
+    evaluation = synthetic_evaluation(n_per_group=20)
+    summary = evaluation.summary(copy_threshold=0.95)
+    detection = summary["detection_vs_non_memorized"]
+    assert detection["memorized_matching/score_d"]["positives"] == 20
+    assert detection["memorized_matching/score_d"]["negatives"] == 40
+    assert detection["memorized_matching/score_d"]["auc"] > 0.6  # drawn 1 sd apart: about 0.76 expected
+    assert len(detection["memorized_template/layer_e_auc"]) == 3
+    assert summary["groups"]["memorized_matching"]["copy_rate"] < 0.5  # threshold moved above most
