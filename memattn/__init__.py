@@ -8,6 +8,7 @@ from memattn.errors import (
     RecordError,
     UnsupportedModelError,
 )
+from memattn.mitigation import Mitigation, mitigate
 from memattn.probe import Trace, trace
 from memattn.record import AttentionRecord
 from memattn.scores import (
@@ -27,6 +28,7 @@ __all__ = [
     "AttentionRecord",
     "LayoutError",
     "MemattnError",
+    "Mitigation",
     "ModelNotFoundError",
     "RecordError",
     "TokenLayout",
@@ -35,6 +37,7 @@ __all__ = [
     "__version__",
     "entropy_curve",
     "layer_entropy_curves",
+    "mitigate",
     "score_d",
     "score_e",
     "summary_entropy_curve",

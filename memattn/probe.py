@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
+from memattn.edits import AttentionEdit, merge_masks
 from memattn.errors import LayoutError, RecordError, UnsupportedModelError
 from memattn.record import AttentionRecord
 from memattn.tokens import TokenLayout, pipeline_layouts
@@ -123,6 +124,10 @@ class Recorder:
         self.map_steps = None if map_steps is None else set(map_steps)
         self.map_layers = None if map_layers is None else set(map_layers)
         self.segments: list[_Segment] = []
+        self.store = True  # False while only a mitigation uses the probes: nothing is recorded
+        self.editor: AttentionEdit | None = None  # logit edit applied by every probe (memattn.mitigate)
+        self.edit_rows: torch.Tensor | None = None  # bool per conditional row: which images to edit
+        self.schedule_length: Callable[[], int | None] | None = None
         self.default_cfg = False
         self.default_layouts: tuple[TokenLayout, ...] | None = None
         self.cond_rows = slice(0, 0)
@@ -131,7 +136,19 @@ class Recorder:
 
     # ---- segments and steps -------------------------------------------------------------------
     def start_segment(self, **fields: Any) -> None:
+        if not self.store:  # nothing recorded: keep only the current call's bookkeeping
+            self.segments.clear()
         self.segments.append(_Segment(**fields))
+
+    @property
+    def step(self) -> int:
+        """Index of the current UNet call within the current pipeline call (-1 before the first)."""
+        return len(self.segments[-1].steps) - 1 if self.segments else -1
+
+    @property
+    def layouts(self) -> tuple[TokenLayout, ...] | None:
+        """Token layouts of the current call's conditional rows (None when unknown)."""
+        return self.segments[-1].layouts if self.segments else None
 
     def begin_step(self, batch: int, timestep: Any, latent_size: tuple[int, int]) -> None:
         """Called before every UNet forward: one UNet call is one recorded step."""
@@ -160,6 +177,10 @@ class Recorder:
             segment.uncond_steps.append([None] * len(self.layer_names))
         segment.timesteps.append(timestep.detach() if isinstance(timestep, torch.Tensor) else timestep)
         segment.record = None
+        if self.editor is not None and len(segment.steps) == 1 and self.schedule_length is not None:
+            length = self.schedule_length()
+            if length:
+                self.editor.check_schedule(length)
 
     @torch.no_grad()
     def observe(self, layer: int, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> None:
@@ -167,7 +188,7 @@ class Recorder:
 
         Runs without autograd: in a training forward the record must not keep the graph alive.
         """
-        if not self.segments or not self.segments[-1].steps:
+        if not self.store or not self.segments or not self.segments[-1].steps:
             return
         segment = self.segments[-1]
         rows = self.observed_rows
@@ -306,7 +327,12 @@ class CrossAttentionProbe:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        self.recorder.observe(self.layer, query, key, attention_mask)
+        recorder = self.recorder
+        editor = recorder.editor
+        if editor is not None and not editor.is_noop and editor.active(recorder.step, self.layer):
+            bias = editor.bias(query, key, recorder.cond_rows, recorder.layouts, recorder.edit_rows)
+            attention_mask = merge_masks(bias, attention_mask)
+        recorder.observe(self.layer, query, key, attention_mask)
 
         hidden_states = F.scaled_dot_product_attention(
             query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
@@ -366,6 +392,10 @@ class Trace:
         self._hook: Any = None
         self._wrapped_encode = False
         self._previous_encode: Callable[..., Any] | None = None
+        self._host: Recorder | None = None  # set while recording through a mitigation's probes
+        self._host_options: tuple = ()
+        self._first_segment = 0
+        self._segments: list[_Segment] | None = None  # an attached trace's segments, kept at exit
 
     def _resolve_layer(self, layer: int | str) -> int:
         if isinstance(layer, int):
@@ -380,14 +410,24 @@ class Trace:
         return self.layer_names.index(name)
 
     # ---- install / restore --------------------------------------------------------------------
+    def _installed_recorder(self) -> Recorder | None:
+        """The recorder of memattn probes already on this model (a trace or a mitigation), if any."""
+        for processor in self.model.attn_processors.values():
+            if isinstance(processor, CrossAttentionProbe):
+                return processor.recorder
+        return None
+
     def __enter__(self) -> Trace:
-        current = self.model.attn_processors
-        if any(isinstance(p, CrossAttentionProbe) for p in current.values()):
-            raise RecordError(
-                "this model is already traced by an enclosing memattn.trace; nested traces are not "
-                "supported: read everything from the outer trace's records"
-            )
-        self._originals = dict(current)
+        existing = self._installed_recorder()
+        if existing is not None:
+            if existing.store:
+                raise RecordError(
+                    "this model is already traced by an enclosing memattn.trace; nested traces are not "
+                    "supported: read everything from the outer trace's records"
+                )
+            self._attach(existing)  # a mitigation owns the probes: record through them
+            return self
+        self._originals = dict(self.model.attn_processors)
         probes = {
             f"{name}.processor": CrossAttentionProbe(self.recorder, i)
             for i, name in enumerate(self.layer_names)
@@ -398,12 +438,32 @@ class Trace:
             self._forward_signature = inspect.signature(self.model.forward)
             if self.pipeline is not None and callable(getattr(self.pipeline, "encode_prompt", None)):
                 self._wrap_encode_prompt()
+            if self.pipeline is not None and getattr(self.pipeline, "scheduler", None) is not None:
+                scheduler = self.pipeline.scheduler
+                self.recorder.schedule_length = lambda: _schedule_length(scheduler)
         except BaseException:
             self._restore()
             raise
         return self
 
+    def _attach(self, host: Recorder) -> None:
+        """Record through a mitigation's probes: same hooks, this trace's recording options."""
+        mine = self.recorder
+        self._host_options = (host.record_uncond, host.want_maps, host.map_steps, host.map_layers)
+        host.record_uncond, host.want_maps = mine.record_uncond, mine.want_maps
+        host.map_steps, host.map_layers = mine.map_steps, mine.map_layers
+        host.store = True
+        self._host = host
+        self._first_segment = len(host.segments)
+        self.recorder = host
+
     def __exit__(self, *exc: object) -> None:
+        if self._host is not None:
+            host, self._host = self._host, None
+            self._segments = list(host.segments[self._first_segment :])
+            host.store = False
+            host.record_uncond, host.want_maps, host.map_steps, host.map_layers = self._host_options
+            return
         self._restore()
 
     def _restore(self) -> None:
@@ -412,6 +472,7 @@ class Trace:
                 self.model.set_attn_processor(dict(self._originals))
                 self._originals = None
         finally:
+            self.recorder.schedule_length = None
             if self._hook is not None:
                 self._hook.remove()
                 self._hook = None
@@ -493,6 +554,11 @@ class Trace:
     # ---- results ------------------------------------------------------------------------------
     @property
     def records(self) -> list[AttentionRecord]:
+        if self._segments is not None:
+            return [self.recorder._finalize(s) for s in self._segments if s.steps]
+        if self._host is not None:
+            segments = self.recorder.segments[self._first_segment :]
+            return [self.recorder._finalize(s) for s in segments if s.steps]
         return self.recorder.records()
 
     @property
@@ -504,7 +570,18 @@ class Trace:
 
     def reset(self) -> None:
         """Drop everything recorded so far (e.g. between training steps on a bare UNet)."""
-        self.recorder.segments.clear()
+        if self._host is not None:
+            del self.recorder.segments[self._first_segment :]
+        elif self._segments is not None:
+            self._segments.clear()
+        else:
+            self.recorder.segments.clear()
+
+
+def _schedule_length(scheduler: Any) -> int | None:
+    """UNet calls the current pipeline call will make (set by ``set_timesteps`` before the first)."""
+    timesteps = getattr(scheduler, "timesteps", None)
+    return None if timesteps is None else len(timesteps)
 
 
 def _as_list(value: Any, count: int | None = None) -> list[str] | None:
