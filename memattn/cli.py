@@ -88,6 +88,105 @@ def detect(
     Console().print(table)
 
 
+@app.command()
+def calibrate(
+    model: Annotated[str, typer.Option("--model", "-m", help="Pipeline directory ('testbed': bundled).")],
+    clean: Annotated[Path, typer.Option(help="Known-clean prompts: .txt, .jsonl, .csv or .parquet.")],
+    fpr: Annotated[float, typer.Option(help="Share of clean prompts the threshold may flag.")] = 0.01,
+    score: Annotated[str, typer.Option(help="Step-1 score: e (the paper's) or wen (noise norm).")] = "e",
+    layer: Annotated[str | None, typer.Option(help="Layer for E (default: the paper's).")] = None,
+    steps: Annotated[int, typer.Option(help="Denoising steps of the schedule to score under.")] = 50,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.5,
+    batch_size: Annotated[int, typer.Option(help="Prompts per pipeline call.")] = 16,
+    seed: Annotated[int, typer.Option(help="Base seed; prompt i uses seed + i.")] = 0,
+    out: Annotated[
+        Path | None, typer.Option(help="Where to write the JSON (default: memattn_guard.json in the model).")
+    ] = None,
+) -> None:
+    """Pick the guard threshold that flags at most --fpr of known-clean prompts; store it with the model."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from memattn.guard import CALIBRATION_FILE, Calibration, Guard, threshold_at_fpr
+    from memattn.loading import load_pipeline, resolve_model
+    from memattn.prompts_io import read_prompts
+
+    _quiet_loading()
+    prompts = read_prompts(clean)
+    path = Path(resolve_model(model))
+    target = out or path / CALIBRATION_FILE
+    if out is None and not path.is_dir():
+        raise MemattnError(f"{model} is not a local directory: pass --out FILE for the calibration JSON")
+    pipe = load_pipeline(str(path))
+    guard = Guard(pipe, threshold=float("inf"), score=score, layer=_layer_arg(layer))  # type: ignore[arg-type]
+    scores = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="calibrate", unit="batch"):
+        batch = prompts[start : start + batch_size]
+        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(batch))]
+        scores += guard.score_prompts(
+            batch, num_inference_steps=steps, guidance_scale=guidance, generator=generators
+        ).tolist()
+    threshold = threshold_at_fpr(scores, fpr)
+    calibration = Calibration(
+        score=score, threshold=threshold, fpr=fpr, n_clean=len(scores), layer=layer,
+        guidance_scale=guidance, model=str(model),
+    )
+    try:
+        calibration.save(target)
+    except OSError as error:
+        raise MemattnError(f"cannot write {target} ({error.strerror}); pass --out FILE") from None
+    flagged = sum(x > threshold for x in scores)
+    Console().print(
+        f"threshold {threshold:.6g} on score {score}: flags {flagged} of {len(scores)} clean prompts "
+        f"({flagged / len(scores):.2%}); written to {target}"
+    )
+
+
+@app.command()
+def generate(
+    prompts: Annotated[list[str], typer.Argument(help="Prompts to generate.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Pipeline directory or hub id ('testbed').")],
+    out: Annotated[Path, typer.Option(help="Directory for the PNGs and verdicts.json.")] = Path("generated"),
+    guard: Annotated[bool, typer.Option(help="Score at step 1 and mitigate flagged images.")] = False,
+    mode: Annotated[str, typer.Option(help="Guard mode: continue or restart.")] = "continue",
+    c: Annotated[float, typer.Option(help="BOS logit factor of the mitigation.")] = 1.25,
+    threshold: Annotated[float | None, typer.Option(help="Guard threshold (default: calibrated).")] = None,
+    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 50,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.5,
+    seed: Annotated[int, typer.Option(help="Base seed; prompt i uses seed + i.")] = 0,
+    device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+) -> None:
+    """Generate images; with --guard, each gets a verdict (score, flagged, mitigated, trigger tokens)."""
+    import torch
+
+    from memattn.detect import check_prompts
+    from memattn.guard import Guard
+    from memattn.loading import load_pipeline
+
+    _quiet_loading()
+    prompts = check_prompts(prompts)
+    pipe = load_pipeline(model, device=device)
+    generators = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(len(prompts))]
+    kwargs = {"num_inference_steps": steps, "guidance_scale": guidance, "generator": generators}
+    if guard:
+        result = Guard(pipe, threshold=threshold, mode=mode, mitigation={"c": c})(prompts, **kwargs)  # type: ignore[arg-type]
+        images, verdicts = result.images, [v.to_dict() for v in result.verdicts]
+    else:
+        images, verdicts = pipe(prompts, **kwargs).images, [{"prompt": p, "guarded": False} for p in prompts]
+    out.mkdir(parents=True, exist_ok=True)
+    for i, (image, verdict) in enumerate(zip(images, verdicts, strict=True)):
+        name = f"{i:04d}.png"
+        image.save(out / name)
+        verdict.update(image=name, seed=seed + i, model=model)
+    (out / "verdicts.json").write_text(json.dumps(verdicts, indent=1))
+    flagged = sum(bool(v.get("flagged")) for v in verdicts)
+    Console().print(f"{len(verdicts)} images in {out}; flagged and mitigated: {flagged}")
+
+
+def _layer_arg(layer: str | None) -> int | str | None:
+    return int(layer) if layer is not None and layer.lstrip("-").isdigit() else layer
+
+
 testbed_app = typer.Typer(no_args_is_help=True, help="The CPU-scale memorization testbed.")
 app.add_typer(testbed_app, name="testbed")
 
@@ -133,6 +232,24 @@ def testbed_info(
         f"memattn {data['memattn_version']}, seed {data['seed']}, {data['training_seconds']} s of training "
         f"({data['config']['steps']} steps) on {data['machine']}\ncommand: {data['command']}"
     )
+
+
+@testbed_app.command("prompts")
+def testbed_prompts(
+    group: Annotated[str, typer.Argument(help="Ground-truth group, e.g. never_seen or memorized_matching.")],
+    model: Annotated[str, typer.Option(help="Testbed pipeline directory ('testbed': bundled).")] = "testbed",
+    duplication: Annotated[int | None, typer.Option(help="Only items seen this many times.")] = None,
+) -> None:
+    """Print one ground-truth group's prompts, one per line (e.g. clean prompts for `memattn calibrate`)."""
+    from memattn.loading import resolve_model
+    from memattn.testbed.evaluate import load_manifest
+
+    groups = load_manifest(Path(resolve_model(model)))["groups"]
+    if group not in groups:
+        raise MemattnError(f"unknown group {group!r}; the groups are {', '.join(groups)}")
+    for item in groups[group]:
+        if duplication is None or item["duplication"] == duplication:
+            sys.stdout.write(item["caption"] + "\n")
 
 
 @testbed_app.command("report")

@@ -33,6 +33,7 @@ class AttentionEdit:
     mask_padding: bool = True
     mask_eos: bool = False
     mask_uncond: bool = False
+    mask_prompt: bool = False  # analysis: hide the prompt words (BOS and summary tokens stay visible)
     steps: tuple[int, ...] | None = None  # None: every step
     layers: tuple[int, ...] | None = None  # indices in forward order; None: every cross-attention layer
 
@@ -51,7 +52,7 @@ class AttentionEdit:
     @property
     def is_noop(self) -> bool:
         """C = 1 without masking changes nothing: the probe then keeps the unedited kernel call."""
-        return self.c == 1.0 and not self.mask_padding
+        return self.c == 1.0 and not self.mask_padding and not self.mask_prompt
 
     def active(self, step: int, layer: int) -> bool:
         return (self.steps is None or step in self.steps) and (self.layers is None or layer in self.layers)
@@ -90,6 +91,9 @@ class AttentionEdit:
         if self.mask_padding:
             for row, layout in enumerate(layouts):
                 keep[row, layout.eos_index + (0 if self.mask_eos else 1) :] = False
+        if self.mask_prompt:
+            for row, layout in enumerate(layouts):
+                keep[row, 1 : layout.eos_index] = False
         if rows_mask is not None:
             keep[~rows_mask.to(keep.device)] = True
         cond = bias[cond_rows]
@@ -101,7 +105,7 @@ class AttentionEdit:
             if rows_mask is not None:
                 extra = extra * rows_mask.to(extra.device, extra.dtype)[:, None, None]
             cond[..., 0] += extra.to(bias.dtype)
-        if self.mask_uncond and self.mask_padding and cond_rows.start > 0:
+        if self.mask_uncond and (self.mask_padding or self.mask_prompt) and cond_rows.start > 0:
             uncond = bias[: cond_rows.start]
             if uncond.shape[0] != n_cond:
                 raise LayoutError(f"{uncond.shape[0]} unconditional rows for {n_cond} conditional rows")
@@ -143,6 +147,7 @@ def describe(edit: AttentionEdit) -> dict[str, Any]:
         "mask_padding": edit.mask_padding,
         "mask_eos": edit.mask_eos,
         "mask_uncond": edit.mask_uncond,
+        "mask_prompt": edit.mask_prompt,
         "steps": None if edit.steps is None else list(edit.steps),
         "layers": None if edit.layers is None else list(edit.layers),
     }

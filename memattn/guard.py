@@ -1,0 +1,291 @@
+"""The generation guard: score every image at the first denoising step, mitigate only the flagged ones.
+
+``Guard(pipe)(prompts, ...)`` runs the pipeline with memattn's probes. After the first UNet call it
+computes a step-1 score per image (the paper's E, or Wen et al.'s text-conditional noise norm, both
+free from the call the pipeline makes anyway) and compares it with a calibrated threshold:
+
+- ``mode="continue"``: flagged images get the attention edit from the second step on, in the same run;
+- ``mode="restart"``: the run finishes unedited, then flagged images are generated again from the same
+  initial noise with the edit on every step.
+
+Images that are not flagged come out of the same kernels as an unguarded run (bit-identical when no
+image in the batch is flagged). Each image gets a :class:`Verdict`. Thresholds come from
+``memattn calibrate`` (a small JSON next to the model); without one the guard refuses to guess.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from memattn.edits import AttentionEdit
+from memattn.errors import MemattnError
+from memattn.probe import Trace
+from memattn.scores import score_e, trigger_tokens
+
+CALIBRATION_FILE = "memattn_guard.json"
+Score = Literal["e", "wen"]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A threshold and how it was obtained (written by ``memattn calibrate``)."""
+
+    score: str
+    threshold: float
+    fpr: float
+    n_clean: int
+    layer: str | None = None
+    guidance_scale: float | None = None
+    model: str | None = None
+
+    def save(self, path: Path) -> Path:
+        path.write_text(json.dumps(asdict(self), indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> Calibration:
+        try:
+            return cls(**json.loads(Path(path).read_text()))
+        except (OSError, ValueError, TypeError) as error:
+            raise MemattnError(
+                f"guard calibration {path} is unreadable ({error}); run memattn calibrate again"
+            ) from None
+
+
+def calibration_path(pipe: Any) -> Path | None:
+    """``memattn_guard.json`` in the directory the pipeline was loaded from, if there is one."""
+    config = getattr(pipe, "config", None)
+    source = getattr(config, "_name_or_path", None) or getattr(pipe, "name_or_path", None)
+    if source and Path(source).is_dir():
+        return Path(source) / CALIBRATION_FILE
+    return None
+
+
+def threshold_at_fpr(clean_scores: Sequence[float], fpr: float) -> float:
+    """The smallest threshold that flags at most ``fpr`` of the clean scores (flag: score > threshold)."""
+    scores = np.sort(np.asarray(clean_scores, dtype=np.float64))[::-1]
+    if not len(scores) or not np.isfinite(scores).all():
+        raise MemattnError("calibration needs at least one finite clean score")
+    if not 0 <= fpr < 1:
+        raise MemattnError(f"--fpr must be in [0, 1), got {fpr}")
+    allowed = int(np.floor(fpr * len(scores)))
+    return float(scores[min(allowed, len(scores) - 1)])
+
+
+@dataclass
+class Verdict:
+    """What the guard decided for one image."""
+
+    prompt: str
+    score: float
+    threshold: float
+    flagged: bool
+    mitigated: bool
+    mode: str
+    trigger_tokens: list[tuple[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class GuardOutput:
+    images: Any
+    verdicts: list[Verdict]
+
+
+class Guard:
+    """``guard = Guard(pipe); out = guard(prompts, num_inference_steps=50)``; see the module docstring."""
+
+    def __init__(
+        self,
+        pipe: Any,
+        *,
+        threshold: float | None = None,
+        score: Score = "e",
+        layer: int | str | None = None,
+        mitigation: dict[str, Any] | None = None,
+        mode: Literal["continue", "restart"] = "continue",
+        calibration: Path | None = None,
+    ) -> None:
+        if mode not in ("continue", "restart"):
+            raise MemattnError(f"guard mode must be 'continue' or 'restart', got {mode!r}")
+        if score not in ("e", "wen"):
+            raise MemattnError(f"guard score must be 'e' or 'wen', got {score!r}")
+        self.pipe = pipe
+        self.mode = mode
+        self.edit = AttentionEdit(**{"c": 1.25, **(mitigation or {})})
+        if self.edit.steps is not None:
+            raise MemattnError("the guard decides the steps itself; give mitigation settings without steps")
+        if threshold is None:
+            path = calibration or calibration_path(pipe)
+            if path is None or not Path(path).is_file():
+                raise MemattnError(
+                    "the guard has no threshold: run `memattn calibrate --model PATH --clean CLEAN_PROMPTS "
+                    "--fpr 0.01` (writes memattn_guard.json next to the model), or pass threshold="
+                )
+            loaded = Calibration.load(Path(path))
+            threshold, score = loaded.threshold, loaded.score  # type: ignore[assignment]
+            layer = loaded.layer if layer is None else layer
+        self.threshold = float(threshold)
+        self.score = score
+        self.layer = layer
+
+    # ---- one call -----------------------------------------------------------------------------
+    def score_prompts(self, prompts: list[str], **kwargs: Any) -> np.ndarray:
+        """Step-1 scores only (one UNet call per batch: the run stops after the first step)."""
+
+        def stop(pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
+            pipe._interrupt = True
+            return tensors
+
+        saved = self.threshold, self.mode
+        self.threshold, self.mode = float("inf"), "continue"
+        try:
+            out = self(prompts, callback_on_step_end=stop, output_type="latent", **kwargs)
+        finally:
+            self.threshold, self.mode = saved
+        return np.array([v.score for v in out.verdicts])
+
+    def __call__(self, prompt: str | list[str], **kwargs: Any) -> GuardOutput:
+        if "prompt_embeds" in kwargs:
+            raise MemattnError(
+                "the guard needs prompts (it reads their token layouts); pass prompt=, not prompt_embeds"
+            )
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        per_prompt = int(kwargs.get("num_images_per_prompt") or 1)
+        row_prompts = [p for p in prompts for _ in range(per_prompt)]
+        user_callback = kwargs.pop("callback_on_step_end", None)
+        state: dict[str, Any] = {}
+        captured = self._capture_initial_latents(state)
+        wen_hook = self._wen_hook(state) if self.score == "wen" else None
+        try:
+            with Trace(self.pipe) as tr:
+                recorder = tr.recorder
+
+                def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
+                    if step == 0:
+                        self._decide(tr, state)
+                        recorder.store = False  # the rest of the run needs no recording
+                        if self.mode == "continue" and state["flagged"].any():
+                            recorder.editor = self.edit
+                            recorder.edit_rows = torch.as_tensor(state["flagged"])
+                    return user_callback(pipe, step, timestep, tensors) if user_callback else tensors
+
+                try:
+                    output = self.pipe(prompt, callback_on_step_end=on_step_end, **kwargs)
+                finally:
+                    recorder.editor, recorder.edit_rows = None, None
+        finally:
+            captured()
+            if wen_hook is not None:
+                wen_hook.remove()
+        if "flagged" not in state:
+            raise MemattnError("the pipeline made no denoising step: nothing to score")
+        images = output.images
+        flagged = state["flagged"]
+        if self.mode == "restart" and flagged.any():
+            images = self._restart(images, row_prompts, flagged, state["latents"], kwargs)
+        verdicts = [
+            Verdict(
+                prompt=row_prompts[i],
+                score=float(state["scores"][i]),
+                threshold=self.threshold,
+                flagged=bool(flagged[i]),
+                mitigated=bool(flagged[i]),
+                mode=self.mode,
+                trigger_tokens=[(t.token, round(t.share, 4)) for t in state["triggers"][i]],
+            )
+            for i in range(len(row_prompts))
+        ]
+        return GuardOutput(images=images, verdicts=verdicts)
+
+    # ---- pieces -------------------------------------------------------------------------------
+    def _decide(self, tr: Trace, state: dict) -> None:
+        record = tr.record
+        if self.score == "e":
+            scores = score_e(record, self.layer).numpy()
+        else:
+            if "wen" not in state:
+                raise MemattnError(
+                    "score 'wen' needs classifier-free guidance (guidance_scale > 1): it compares the "
+                    "conditional and unconditional noise predictions"
+                )
+            scores = state["wen"]
+        if not np.isfinite(scores).all():
+            raise MemattnError("a step-1 score is NaN or infinite (fp16 overflow?); run the model in fp32")
+        state["scores"] = scores
+        state["flagged"] = scores > self.threshold
+        state["triggers"] = trigger_tokens(record, k=3)
+
+    def _wen_hook(self, state: dict) -> Any:
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if "wen" in state or not getattr(self.pipe, "do_classifier_free_guidance", False):
+                return
+            sample = output[0] if isinstance(output, tuple) else output.sample
+            uncond, cond = sample.float().chunk(2)
+            state["wen"] = (cond - uncond).flatten(1).norm(dim=1).cpu().numpy()
+
+        return self.pipe.unet.register_forward_hook(hook, with_kwargs=True)
+
+    def _capture_initial_latents(self, state: dict) -> Callable[[], None]:
+        """Wrap ``prepare_latents`` to keep the initial noise (restart mode regenerates from it)."""
+        original = self.pipe.prepare_latents
+        had_own = "prepare_latents" in vars(self.pipe)
+
+        def prepare_latents(*args: Any, **kwargs: Any) -> Any:
+            latents = original(*args, **kwargs)
+            state["latents"] = latents / self.pipe.scheduler.init_noise_sigma
+            return latents
+
+        self.pipe.prepare_latents = prepare_latents
+
+        def restore() -> None:
+            if had_own:
+                self.pipe.prepare_latents = original
+            else:
+                del self.pipe.prepare_latents
+
+        return restore
+
+    def _restart(
+        self, images: Any, row_prompts: list[str], flagged: np.ndarray, latents: Any, kwargs: dict
+    ) -> Any:
+        rows = np.flatnonzero(flagged)
+        again = {
+            k: v for k, v in kwargs.items() if k not in ("generator", "latents", "num_images_per_prompt")
+        }
+        negative = again.pop("negative_prompt", None)
+        if isinstance(negative, list):
+            per_prompt = len(row_prompts) // len(negative)
+            again["negative_prompt"] = [negative[i // per_prompt] for i in rows]
+        elif negative is not None:
+            again["negative_prompt"] = negative
+        with _edited(self.pipe, self.edit):
+            redo = self.pipe(
+                [row_prompts[i] for i in rows], latents=latents[torch.as_tensor(rows)], **again
+            ).images
+        if isinstance(images, np.ndarray):
+            images = images.copy()
+            images[rows] = redo
+        elif isinstance(images, torch.Tensor):
+            images = images.clone()
+            images[torch.as_tensor(rows)] = redo
+        else:  # list of PIL images
+            images = list(images)
+            for j, i in enumerate(rows):
+                images[i] = redo[j]
+        return images
+
+
+def _edited(pipe: Any, edit: AttentionEdit) -> Any:
+    from memattn.mitigation import Mitigation
+
+    return Mitigation(pipe, edit)

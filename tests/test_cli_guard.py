@@ -1,0 +1,79 @@
+"""`memattn calibrate`, `memattn generate --guard` and `memattn testbed prompts` on the bundled testbed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+RUN = [sys.executable, "-m", "memattn"]
+
+
+def run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([*RUN, *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_calibrate_then_generate_with_the_guard(tmp_path):
+    prompts = run("testbed", "prompts", "never_seen")
+    assert prompts.returncode == 0, prompts.stderr
+    clean = prompts.stdout.splitlines()
+    assert len(clean) == 200
+    (tmp_path / "clean.txt").write_text("\n".join(clean[:40]))
+    calibration = tmp_path / "guard.json"
+    calibrate = run(
+        "calibrate",
+        "--model",
+        "testbed",
+        "--clean",
+        str(tmp_path / "clean.txt"),
+        "--fpr",
+        "0.05",
+        "--steps",
+        "10",
+        "--guidance",
+        "2",
+        "--out",
+        str(calibration),
+    )
+    assert calibrate.returncode == 0, calibrate.stderr
+    stored = json.loads(calibration.read_text())
+    assert stored["score"] == "e" and stored["n_clean"] == 40 and "flags 2 of 40" in calibrate.stdout
+    out = tmp_path / "images"
+    memorized = run("testbed", "prompts", "memorized_matching", "--duplication", "128").stdout.splitlines()[
+        :2
+    ]
+    generate = run(
+        "generate",
+        *memorized,
+        clean[0],
+        "--model",
+        "testbed",
+        "--guard",
+        "--threshold",
+        str(stored["threshold"]),
+        "--steps",
+        "10",
+        "--guidance",
+        "2",
+        "--out",
+        str(out),
+    )
+    assert generate.returncode == 0, generate.stderr
+    verdicts = json.loads((out / "verdicts.json").read_text())
+    assert [v["prompt"] for v in verdicts] == [*memorized, clean[0]]
+    assert all(
+        {"score", "threshold", "flagged", "mitigated", "trigger_tokens", "image"} <= set(v) for v in verdicts
+    )
+    assert all((out / v["image"]).read_bytes()[:4] == b"\x89PNG" for v in verdicts)
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    missing = run("calibrate", "--model", "testbed", "--clean", str(tmp_path / "nope.txt"))
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    no_threshold = run("generate", "a red circle", "--model", "testbed", "--guard", "--steps", "2")
+    assert no_threshold.returncode == 2 and "memattn calibrate" in no_threshold.stderr
+    unknown = run("testbed", "prompts", "nope")
+    assert unknown.returncode == 2 and "unknown group 'nope'" in unknown.stderr
