@@ -34,6 +34,7 @@ class AttentionEdit:
     mask_eos: bool = False
     mask_uncond: bool = False
     mask_prompt: bool = False  # analysis: hide the prompt words (BOS and summary tokens stay visible)
+    prompt_penalty: float = 0.0  # subtract this from the prompt words' logits (a soft mask_prompt)
     steps: tuple[int, ...] | None = None  # None: every step
     layers: tuple[int, ...] | None = None  # indices in forward order; None: every cross-attention layer
 
@@ -46,13 +47,15 @@ class AttentionEdit:
             raise MemattnError(
                 "mask_eos=True masks the EOS together with the padding: also set mask_padding=True"
             )
+        if not math.isfinite(self.prompt_penalty) or self.prompt_penalty < 0:
+            raise MemattnError(f"prompt_penalty must be a finite number >= 0, got {self.prompt_penalty}")
         if self.steps is not None and any(s < 0 for s in self.steps):
             raise MemattnError(f"steps must be non-negative step indices, got {self.steps}")
 
     @property
     def is_noop(self) -> bool:
         """C = 1 without masking changes nothing: the probe then keeps the unedited kernel call."""
-        return self.c == 1.0 and not self.mask_padding and not self.mask_prompt
+        return self.c == 1.0 and not self.mask_padding and not self.mask_prompt and not self.prompt_penalty
 
     def active(self, step: int, layer: int) -> bool:
         return (self.steps is None or step in self.steps) and (self.layers is None or layer in self.layers)
@@ -98,6 +101,10 @@ class AttentionEdit:
             keep[~rows_mask.to(keep.device)] = True
         cond = bias[cond_rows]
         cond.masked_fill_(~keep[:, None, None, :], float("-inf"))
+        if self.prompt_penalty:
+            for row, layout in enumerate(layouts):
+                if rows_mask is None or bool(rows_mask[row]):
+                    cond[row, ..., 1 : layout.eos_index] -= self.prompt_penalty
         if self.c != 1.0:
             scale = head_dim**-0.5
             bos_logit = (query[cond_rows].float() * scale) @ key[cond_rows, :, :1].float().transpose(-1, -2)
@@ -148,6 +155,7 @@ def describe(edit: AttentionEdit) -> dict[str, Any]:
         "mask_eos": edit.mask_eos,
         "mask_uncond": edit.mask_uncond,
         "mask_prompt": edit.mask_prompt,
+        "prompt_penalty": edit.prompt_penalty,
         "steps": None if edit.steps is None else list(edit.steps),
         "layers": None if edit.layers is None else list(edit.layers),
     }

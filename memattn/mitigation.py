@@ -65,6 +65,7 @@ def mitigate(
     mask_eos: bool = False,
     mask_uncond: bool = False,
     mask_prompt: bool = False,
+    prompt_penalty: float = 0.0,
     steps: Sequence[int] | range | None = None,
     layers: Sequence[int | str] | None = None,
     lengths: Sequence[int] | None = None,
@@ -75,7 +76,8 @@ def mitigate(
     first EOS (``mask_eos`` the EOS too); ``mask_uncond`` also masks the unconditional branch to each
     conditional prompt's length, as the official code does. ``steps`` (0-based UNet calls of each pipeline
     call) and ``layers`` (indices in forward order or ``attn2`` names) restrict where the edit applies.
-    ``mask_prompt`` (for analysis) hides the prompt words instead, leaving BOS and the summary tokens.
+    ``mask_prompt`` (for analysis) hides the prompt words instead, leaving BOS and the summary tokens;
+    ``prompt_penalty`` subtracts a constant from the prompt words' logits (a soft version of it).
     ``lengths`` gives token counts per prompt when the pipeline is called with ``prompt_embeds``.
     """
     edit = AttentionEdit(
@@ -84,6 +86,7 @@ def mitigate(
         mask_eos=mask_eos,
         mask_uncond=mask_uncond,
         mask_prompt=mask_prompt,
+        prompt_penalty=float(prompt_penalty),
         steps=as_indices(steps),
     )
     mitigation = Mitigation(target, edit, lengths=lengths)

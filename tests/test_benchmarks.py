@@ -25,3 +25,18 @@ def test_probe_overhead_quick_run(tmp_path):
     assert "probe overhead ratio" in result.stdout
     data = json.loads(out.read_text())
     assert data["max_abs_image_diff"] == 0.0
+
+
+@pytest.mark.slow
+def test_mitigation_overhead_quick_run(tmp_path):
+    out = tmp_path / "mitigation.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "mitigation_overhead.py"), "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    arms = json.loads(out.read_text())["arms"]
+    assert set(arms) == {"plain", "mitigate", "guard, clean", "guard, flagged", "guard, restart"}
+    assert arms["plain"]["median_ratio_to_plain"] == 1.0
