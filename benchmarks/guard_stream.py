@@ -5,7 +5,8 @@ Stream (disjoint from calibration): the 128-copy matching items and 32 template 
 and rare-word + novel-composition prompts (clean), 2 seeds each. For each score (E, Wen) and mode
 (continue, restart): share flagged per kind, copy rate of memorized generations with and without the
 guard, attribute alignment of clean generations, the largest change of an unflagged clean image, and
-the stream's wall time relative to the unguarded pipeline (measured in the same run).
+the stream's wall time relative to the unguarded pipeline (measured in the same run), and the AUC of the
+step-1 score on the stream (memorized vs clean).
 
 Usage: .venv/bin/python benchmarks/guard_stream.py [--steps 25] [--guidance 2] [--json F]
 """
@@ -24,6 +25,7 @@ import torch
 
 from memattn.guard import Guard, threshold_at_fpr
 from memattn.loading import BUNDLED_TESTBED, load_pipeline
+from memattn.metrics import detection_metrics
 from memattn.testbed.alignment import CLASSIFIER_FILE, alignment, load_classifier
 from memattn.testbed.evaluate import dataset_for
 from memattn.testbed.measures import DEFAULT_COPY_THRESHOLD, DetailMatcher
@@ -98,6 +100,8 @@ def main() -> None:
             seconds = time.perf_counter() - started
             images = np.concatenate([o.images for o in outputs])
             flagged = np.array([v.flagged for o in outputs for v in o.verdicts])
+            stream_scores = np.array([v.score for o in outputs for v in o.verdicts])
+            auc = detection_metrics(is_memorized.astype(int), stream_scores)["auc"]
             copies, aligned = measure(images)
             unflagged_clean = ~flagged & ~is_memorized
             max_change = (
@@ -112,6 +116,7 @@ def main() -> None:
                 "clean_alignment_unguarded": float(plain_alignment[~is_memorized].mean()),
                 "max_abs_change_unflagged_clean": max_change,
                 "time_ratio": seconds / plain_seconds,
+                "score_auc_memorized_vs_clean": auc,
             }
             results[f"{score}/{mode}"] = row
             print(
@@ -119,7 +124,8 @@ def main() -> None:
                 f"clean {row['flagged_clean']:.2f} | "
                 f"copy rate {plain_copies[is_memorized].mean():.2f} -> {row['copy_rate_memorized']:.2f} | "
                 f"clean alignment {row['clean_alignment_unguarded']:.3f} -> {row['clean_alignment']:.3f} | "
-                f"unflagged clean max change {max_change:.2e} | time x{row['time_ratio']:.3f}",
+                f"unflagged clean max change {max_change:.2e} | time x{row['time_ratio']:.3f} | "
+                f"score AUC {auc:.3f}",
                 flush=True,
             )
     if args.json:

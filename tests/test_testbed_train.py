@@ -175,7 +175,8 @@ def test_fast_recipe_memorizes_its_most_duplicated_items(tmp_path):
     heavy = [row for row in evaluation.rows if row["duplication"] == 128]
     assert len(heavy) == 4
     assert sum(row["detail_similarity"] > 0.5 and row["nearest_is_own"] for row in heavy) >= 3
-    assert summary["groups"]["never_seen"]["copy_rate"] <= 0.125
+    # A never-seen caption can pick up a memorized item's corner patch (leakage); it must stay rare.
+    assert summary["groups"]["never_seen"]["copy_rate"] <= 0.25
     assert np.mean([row["alignment"] for row in heavy]) >= 0.8  # a copy shows its caption's attributes
     assert "memorized_matching/score_e" in summary["detection_vs_non_memorized"]
     html = write_report(evaluation, tmp_path / "report").read_text()

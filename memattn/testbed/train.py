@@ -66,7 +66,7 @@ class TrainConfig:
 
 
 FAST = TrainConfig(
-    steps=500,
+    steps=400,
     checkpoint_every=100,
     classifier_steps=500,
     data=TestbedConfig(
