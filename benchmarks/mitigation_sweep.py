@@ -26,6 +26,15 @@ from memattn.testbed.evaluate import evaluate
 GROUPS = ("memorized_matching", "memorized_template", "never_seen", "novel_composition")
 
 
+def baseline_settings() -> list[tuple[str, dict | None, dict | None]]:
+    """Somepalli et al.'s inference-time baselines at the official defaults and a few strengths."""
+    out: list[tuple[str, dict | None, dict | None]] = [("plain", None, None)]
+    out += [(f"RTA n={n}", None, {"method": "rta", "n": n}) for n in (1, 4, 10)]
+    out += [(f"RNA n={n}", None, {"method": "rna", "n": n}) for n in (4, 10)]
+    out += [(f"GNI lambda={lam}", None, {"method": "gni", "lam": lam}) for lam in (0.1, 0.5, 1.0)]
+    return out
+
+
 def settings(c_values: list[float]) -> list[tuple[str, dict | None]]:
     out: list[tuple[str, dict | None]] = [("plain", None)]
     out += [(f"ren2024 C={c}", {"c": c}) for c in c_values]
@@ -62,6 +71,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--per-group", type=int, default=48)
     parser.add_argument("--c", type=float, nargs="+", default=[1.0, 1.1, 1.25, 1.5, 2.0, 3.0])
+    parser.add_argument("--baselines", action="store_true", help="RTA / RNA / GNI instead of ren2024")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     print(f"$ {' '.join(sys.argv)}")
@@ -72,7 +82,8 @@ def main() -> None:
     plain_seconds = None
     header = f"{'setting':36} {'copy128':>8} {'sim128':>7} {'copyT':>6} {'simT':>6}"
     print(header + f" {'align':>6} {'all5':>5} {'time':>6}")
-    for name, mitigation in settings(args.c):
+    runs = baseline_settings() if args.baselines else [(n, m, None) for n, m in settings(args.c)]
+    for name, mitigation, baseline in runs:
         if mitigation is not None and mitigation.get("steps") == "early":
             mitigation = {**mitigation, "steps": list(range(round(0.3 * args.steps)))}
         started = time.perf_counter()
@@ -85,11 +96,12 @@ def main() -> None:
             groups=GROUPS,
             pipe=pipe,
             mitigation=mitigation,
+            baseline=baseline,
             progress=False,
         )
         seconds = time.perf_counter() - started
         plain_seconds = plain_seconds or seconds
-        row = {"setting": name, "mitigation": mitigation, "seconds": round(seconds, 1)}
+        row = {"setting": name, "mitigation": mitigation, "baseline": baseline, "seconds": round(seconds, 1)}
         row.update(measure(evaluation.rows, evaluation.settings["copy_threshold"]))
         row["time_ratio"] = round(seconds / plain_seconds, 3)
         results.append(row)

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from safetensors.torch import load_file
 
@@ -96,3 +97,28 @@ def test_cli_report_and_info_on_the_bundled_model(tmp_path):
     assert (out / "report.html").is_file() and (out / "copies.png").is_file()
     bad = subprocess.run([*run, "report", "--guidance", "0.5"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "must be at least 1" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("mitigation", "baseline"),
+    [
+        (None, None),
+        ({"c": 1.25}, None),
+        (None, {"method": "rta", "n": 2}),
+        (None, {"method": "gni", "lam": 0.5}),
+    ],
+)
+def test_evaluate_under_a_mitigation_or_baseline(mitigation, baseline):
+    from memattn.testbed.evaluate import evaluate
+
+    evaluation = evaluate(
+        BUNDLED_TESTBED,
+        per_group=2,
+        steps=3,
+        groups=("memorized_matching",),
+        mitigation=mitigation,
+        baseline=baseline,
+        progress=False,
+    )
+    assert len(evaluation.rows) == 2 and evaluation.settings["baseline"] == baseline
+    assert all(np.isfinite(row["detail_similarity"]) for row in evaluation.rows)

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 import memattn
+from memattn import baselines
 from memattn.errors import MemattnError
 from memattn.metrics import detection_metrics
 from memattn.testbed.alignment import CLASSIFIER_FILE, alignment, load_classifier
@@ -139,11 +140,15 @@ def evaluate(
     batch_size: int = 64,
     pipe: Any = None,
     mitigation: dict[str, Any] | None = None,
+    baseline: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> Evaluation:
     """Generate ``per_group`` prompts x ``seeds`` per group (seed of image = 1000·seed + item id).
 
     ``mitigation``: keyword arguments of ``memattn.mitigate`` (e.g. ``{"c": 1.25}``) to generate under it.
+    ``baseline``: ``{"method": "rta"|"rna", "n": 4}`` or ``{"method": "gni", "lam": 0.1}`` (see
+    ``memattn.baselines``);
+    copies and alignment are still judged against each item's own caption and image.
     """
     from contextlib import nullcontext
 
@@ -172,9 +177,15 @@ def evaluate(
         batch = jobs[start : start + batch_size]
         generators = [torch.Generator().manual_seed(1000 * seed + item.item_id) for item, seed in batch]
         edit = mitigate(pipe, **mitigation) if mitigation is not None else nullcontext()
-        with edit, memattn.trace(pipe) as tr:
+        captions = [item.caption for item, _ in batch]
+        noise: Any = nullcontext()
+        if baseline is not None and baseline["method"] == "gni":
+            noise = baselines.embedding_noise(pipe, baseline.get("lam", 0.1), seed=start)
+        elif baseline is not None:
+            captions = baselines.transform_prompts(pipe, captions, baseline["method"], baseline.get("n", 4))
+        with edit, noise, memattn.trace(pipe) as tr:
             images = pipe(
-                [item.caption for item, _ in batch],
+                captions,
                 num_inference_steps=steps,
                 guidance_scale=guidance_scale,
                 generator=generators,
@@ -234,6 +245,7 @@ def evaluate(
         "seeds": seeds,
         "copy_threshold": copy_threshold,
         "mitigation": mitigation,
+        "baseline": baseline,
     }
     return Evaluation(
         rows=rows,

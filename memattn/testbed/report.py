@@ -140,7 +140,7 @@ def shares_figure(evaluation: Evaluation, path: Path) -> None:
     for key, color in zip(shares, ("#34495e", "#f1c40f", "#95a5a6"), strict=True):
         ax.bar(groups, shares[key], bottom=bottom, label=key.removesuffix("_share"), color=color)
         bottom += np.array(shares[key])
-    ax.set_ylabel("share of token attention (all steps and layers)")
+    ax.set_ylabel("attention share")
     ax.set_ylim(0, 1)
     ax.tick_params(axis="x", labelsize=7, rotation=15)
     ax.legend(fontsize=7, loc="upper right")
