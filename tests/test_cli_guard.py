@@ -77,3 +77,28 @@ def test_cli_errors_are_one_line(tmp_path):
     assert no_threshold.returncode == 2 and "memattn calibrate" in no_threshold.stderr
     unknown = run("testbed", "prompts", "nope")
     assert unknown.returncode == 2 and "unknown group 'nope'" in unknown.stderr
+
+
+def test_generate_with_a_method(tmp_path):
+    prompt = "a small red circle in the center on a gray background"
+    done = run(
+        "generate",
+        prompt,
+        "--model",
+        "testbed",
+        "--method",
+        "rna",
+        "--strength",
+        "2",
+        "--steps",
+        "2",
+        "--guidance",
+        "2",
+        "--out",
+        str(tmp_path),
+    )
+    assert done.returncode == 0, done.stderr
+    verdict = json.loads((tmp_path / "verdicts.json").read_text())[0]
+    assert verdict["method"] == "rna" and sum(w.isdigit() for w in verdict["generated_prompt"].split()) == 2
+    both = run("generate", prompt, "--model", "testbed", "--guard", "--method", "gni", "--steps", "2")
+    assert both.returncode == 2 and "do not combine it with --method" in both.stderr
