@@ -163,7 +163,8 @@ def roc_figure(evaluation: Evaluation, path: Path) -> None:
         ax.set_title(f"{positive} vs non-memorized", fontsize=9)
         ax.set_xlabel("false-positive rate")
         ax.set_ylabel("true-positive rate")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
