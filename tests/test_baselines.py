@@ -38,9 +38,10 @@ def test_rta_and_rna_insert_n_items_and_are_seeded(sd1_pipe):
 
 
 def test_gni_perturbs_only_the_conditional_embeddings_and_restores(sd1_pipe):
-    cond, uncond = sd1_pipe.encode_prompt([PROMPT], "cpu", 1, True)
-    with embedding_noise(sd1_pipe, lam=0.5, seed=3):
-        noisy_cond, noisy_uncond = sd1_pipe.encode_prompt([PROMPT], "cpu", 1, True)
+    with torch.no_grad():
+        cond, uncond = sd1_pipe.encode_prompt([PROMPT], "cpu", 1, True)
+        with embedding_noise(sd1_pipe, lam=0.5, seed=3):
+            noisy_cond, noisy_uncond = sd1_pipe.encode_prompt([PROMPT], "cpu", 1, True)
     assert torch.equal(noisy_uncond, uncond)
     assert abs(float((noisy_cond - cond).std()) - 0.5) < 0.05
     assert "encode_prompt" not in vars(sd1_pipe)
