@@ -13,10 +13,8 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
 from memattn.loading import BUNDLED_TESTBED, load_pipeline
-from memattn.testbed.evaluate import evaluate
+from memattn.testbed.evaluate import evaluate, mitigation_measures
 
 STEPS = 25
 SUMMARY = {"c": 1.0, "mask_eos": True}  # EOS and padding masked
@@ -35,21 +33,6 @@ SETTINGS: list[tuple[str, dict | None]] = [
     (f"prompt penalty {d}", {"c": 1.0, "mask_padding": False, "prompt_penalty": d})
     for d in (0.5, 1.0, 2.0, 4.0)
 ]
-
-
-def measure(rows: list[dict], threshold: float) -> dict[str, float]:
-    heavy = [r for r in rows if r["group"] == "memorized_matching" and r["duplication"] == 128]
-    template = [r for r in rows if r["group"] == "memorized_template"]
-    clean = [r for r in rows if r["group"] == "never_seen"]
-    return {
-        "copy128": float(np.mean([r["detail_similarity"] > threshold for r in heavy])),
-        "sim128": float(np.mean([r["detail_similarity"] for r in heavy])),
-        "align128": float(np.mean([r["alignment"] for r in heavy])),
-        "copy_template": float(np.mean([r["detail_similarity"] > threshold for r in template])),
-        "sim_template": float(np.mean([r["detail_similarity"] for r in template])),
-        "align_clean": float(np.mean([r["alignment"] for r in clean])),
-        "all5_clean": float(np.mean([r["alignment"] == 1.0 for r in clean])),
-    }
 
 
 def main() -> None:
@@ -71,13 +54,14 @@ def main() -> None:
             mitigation=mitigation,
             progress=False,
         )
-        row = {"setting": name, **measure(evaluation.rows, evaluation.settings["copy_threshold"])}
+        threshold = evaluation.settings["copy_threshold"]
+        row = {"setting": name, **mitigation_measures(evaluation.rows, threshold, ("never_seen",))}
         out.append(row)
         print(
-            f"{name:45} copy128 {row['copy128']:.2f} sim128 {row['sim128']:.3f} "
-            f"align128 {row['align128']:.3f} "
-            f"| copyT {row['copy_template']:.2f} simT {row['sim_template']:.3f} "
-            f"| clean align {row['align_clean']:.3f} all5 {row['all5_clean']:.2f} "
+            f"{name:45} copy128 {row['copy_rate_128']:.2f} sim128 {row['similarity_128']:.3f} "
+            f"align128 {row['alignment_128']:.3f} "
+            f"| copyT {row['copy_rate_template']:.2f} simT {row['similarity_template']:.3f} "
+            f"| clean align {row['alignment_clean']:.3f} all5 {row['all_attributes_clean']:.2f} "
             f"({time.perf_counter() - started:.0f} s)",
             flush=True,
         )

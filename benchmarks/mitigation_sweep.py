@@ -17,11 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from memattn.loading import load_pipeline, resolve_model
-from memattn.testbed.evaluate import evaluate
+from memattn.testbed.evaluate import evaluate, mitigation_measures
 
 GROUPS = ("memorized_matching", "memorized_template", "never_seen", "novel_composition")
 
@@ -45,22 +44,6 @@ def settings(c_values: list[float]) -> list[tuple[str, dict | None]]:
         ("ren2024 C=1.25, first 30% of steps", {"c": 1.25, "steps": "early"}),
     ]
     return out
-
-
-def measure(rows: list[dict], threshold: float) -> dict:
-    heavy = [r for r in rows if r["group"] == "memorized_matching" and r["duplication"] == 128]
-    template = [r for r in rows if r["group"] == "memorized_template"]
-    clean = [r for r in rows if r["group"] in ("never_seen", "novel_composition")]
-    return {
-        "copy_rate_128": float(np.mean([r["detail_similarity"] > threshold for r in heavy])),
-        "similarity_128": float(np.mean([r["detail_similarity"] for r in heavy])),
-        "copy_rate_template": float(np.mean([r["detail_similarity"] > threshold for r in template])),
-        "similarity_template": float(np.mean([r["detail_similarity"] for r in template])),
-        "alignment_clean": float(np.mean([r["alignment"] for r in clean])),
-        "all_attributes_clean": float(np.mean([r["alignment"] == 1.0 for r in clean])),
-        "alignment_128": float(np.mean([r["alignment"] for r in heavy])),
-        "n": {"128": len(heavy), "template": len(template), "clean": len(clean)},
-    }
 
 
 def main() -> None:
@@ -102,7 +85,7 @@ def main() -> None:
         seconds = time.perf_counter() - started
         plain_seconds = plain_seconds or seconds
         row = {"setting": name, "mitigation": mitigation, "baseline": baseline, "seconds": round(seconds, 1)}
-        row.update(measure(evaluation.rows, evaluation.settings["copy_threshold"]))
+        row.update(mitigation_measures(evaluation.rows, evaluation.settings["copy_threshold"]))
         row["time_ratio"] = round(seconds / plain_seconds, 3)
         results.append(row)
         print(

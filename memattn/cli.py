@@ -52,9 +52,6 @@ def detect(
 
     _quiet_loading()
     pipe = load_pipeline(model, dtype=parse_dtype(dtype), device=device)
-    chosen_layer: int | str | None = (
-        int(layer) if layer is not None and layer.lstrip("-").isdigit() else layer
-    )
     results = run_detect(
         pipe,
         prompts,
@@ -63,7 +60,7 @@ def detect(
         guidance_scale=guidance,
         seed=seed,
         batch_size=batch_size,
-        layer=chosen_layer,
+        layer=_layer_arg(layer),
         progress=not as_json,
     )
     for result in results:

@@ -14,10 +14,10 @@ combined with ``memattn.trace`` in either order (the trace then records the edit
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -90,21 +90,16 @@ class AttentionEdit:
                 "memattn.mitigate(..., lengths=[...]) when calling it with prompt_embeds"
             )
         bias = torch.zeros(batch, heads, n_query, n_tokens, dtype=query.dtype, device=query.device)
-        keep = torch.ones(n_cond, n_tokens, dtype=torch.bool, device=query.device)
-        if self.mask_padding:
-            for row, layout in enumerate(layouts):
-                keep[row, layout.eos_index + (0 if self.mask_eos else 1) :] = False
-        if self.mask_prompt:
-            for row, layout in enumerate(layouts):
-                keep[row, 1 : layout.eos_index] = False
+        eos = tuple(layout.eos_index for layout in layouts)
+        masks = _token_masks(eos, n_tokens, self.mask_padding, self.mask_eos, self.mask_prompt)
+        hidden, prompt_words = (m.to(query.device) for m in masks)
         if rows_mask is not None:
-            keep[~rows_mask.to(keep.device)] = True
+            rows = rows_mask.to(query.device)
+            hidden, prompt_words = hidden & rows[:, None], prompt_words & rows[:, None]
         cond = bias[cond_rows]
-        cond.masked_fill_(~keep[:, None, None, :], float("-inf"))
+        cond.masked_fill_(hidden[:, None, None, :], float("-inf"))
         if self.prompt_penalty:
-            for row, layout in enumerate(layouts):
-                if rows_mask is None or bool(rows_mask[row]):
-                    cond[row, ..., 1 : layout.eos_index] -= self.prompt_penalty
+            cond -= self.prompt_penalty * prompt_words[:, None, None, :].to(bias.dtype)
         if self.c != 1.0:
             scale = head_dim**-0.5
             bos_logit = (query[cond_rows].float() * scale) @ key[cond_rows, :, :1].float().transpose(-1, -2)
@@ -116,8 +111,24 @@ class AttentionEdit:
             uncond = bias[: cond_rows.start]
             if uncond.shape[0] != n_cond:
                 raise LayoutError(f"{uncond.shape[0]} unconditional rows for {n_cond} conditional rows")
-            uncond.masked_fill_(~keep[:, None, None, :], float("-inf"))
+            uncond.masked_fill_(hidden[:, None, None, :], float("-inf"))
         return bias
+
+
+@functools.lru_cache(maxsize=256)
+def _token_masks(
+    eos: tuple[int, ...], n_tokens: int, mask_padding: bool, mask_eos: bool, mask_prompt: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hidden, prompt_words)``, bool ``[row, token]``: built once per batch layout, not per layer call."""
+    position = torch.arange(n_tokens)[None, :]
+    eos_index = torch.tensor(eos)[:, None]
+    prompt_words = (position >= 1) & (position < eos_index)
+    hidden = torch.zeros(len(eos), n_tokens, dtype=torch.bool)
+    if mask_padding:
+        hidden |= position >= eos_index + (0 if mask_eos else 1)
+    if mask_prompt:
+        hidden |= prompt_words
+    return hidden, prompt_words
 
 
 def merge_masks(bias: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -127,35 +138,3 @@ def merge_masks(bias: torch.Tensor, attention_mask: torch.Tensor | None) -> torc
 
 def as_indices(values: Sequence[int] | range | None) -> tuple[int, ...] | None:
     return None if values is None else tuple(int(v) for v in values)
-
-
-def resolve_layers(layers: Sequence[int | str] | None, names: Sequence[str]) -> tuple[int, ...] | None:
-    """Layer indices (forward order) from indices or ``attn2`` module names."""
-    if layers is None:
-        return None
-    out = []
-    for layer in layers:
-        if isinstance(layer, int):
-            if not 0 <= layer < len(names):
-                raise MemattnError(f"layer index {layer} out of range 0..{len(names) - 1}")
-            out.append(layer)
-        else:
-            name = str(layer).removesuffix(".processor")
-            if name not in names:
-                raise MemattnError(f"unknown cross-attention layer {layer!r}; known: {', '.join(names)}")
-            out.append(list(names).index(name))
-    return tuple(out)
-
-
-def describe(edit: AttentionEdit) -> dict[str, Any]:
-    return {
-        "method": "ren2024",
-        "c": edit.c,
-        "mask_padding": edit.mask_padding,
-        "mask_eos": edit.mask_eos,
-        "mask_uncond": edit.mask_uncond,
-        "mask_prompt": edit.mask_prompt,
-        "prompt_penalty": edit.prompt_penalty,
-        "steps": None if edit.steps is None else list(edit.steps),
-        "layers": None if edit.layers is None else list(edit.layers),
-    }

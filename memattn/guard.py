@@ -26,6 +26,7 @@ import torch
 
 from memattn.edits import AttentionEdit
 from memattn.errors import MemattnError
+from memattn.mitigation import Mitigation
 from memattn.probe import Trace
 from memattn.scores import score_e, trigger_tokens
 
@@ -268,7 +269,7 @@ class Guard:
             again["negative_prompt"] = [negative[i // per_prompt] for i in rows]
         elif negative is not None:
             again["negative_prompt"] = negative
-        with _edited(self.pipe, self.edit):
+        with Mitigation(self.pipe, self.edit):
             redo = self.pipe(
                 [row_prompts[i] for i in rows], latents=latents[torch.as_tensor(rows)], **again
             ).images
@@ -283,9 +284,3 @@ class Guard:
             for j, i in enumerate(rows):
                 images[i] = redo[j]
         return images
-
-
-def _edited(pipe: Any, edit: AttentionEdit) -> Any:
-    from memattn.mitigation import Mitigation
-
-    return Mitigation(pipe, edit)

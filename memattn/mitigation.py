@@ -9,9 +9,10 @@ attention the mitigated run used.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
-from memattn.edits import AttentionEdit, as_indices, resolve_layers
+from memattn.edits import AttentionEdit, as_indices
 from memattn.errors import MemattnError
 from memattn.probe import Recorder, Trace
 
@@ -19,15 +20,20 @@ from memattn.probe import Recorder, Trace
 class Mitigation:
     """Context manager built by :func:`mitigate`."""
 
-    def __init__(self, target: Any, edit: AttentionEdit, *, lengths: Sequence[int] | None = None) -> None:
-        self.edit = edit
+    def __init__(
+        self,
+        target: Any,
+        edit: AttentionEdit,
+        *,
+        layers: Sequence[int | str] | None = None,
+        lengths: Sequence[int] | None = None,
+    ) -> None:
         self._trace = Trace(target, lengths=lengths)
+        if layers is not None:  # names or indices, resolved as the trace resolves map_layers
+            edit = replace(edit, layers=tuple(self._trace._resolve_layer(layer) for layer in layers))
+        self.edit = edit
         self._trace.recorder.store = False
         self._attached: Recorder | None = None
-
-    @property
-    def layer_names(self) -> list[str]:
-        return list(self._trace.layer_names)
 
     def __enter__(self) -> Mitigation:
         existing = self._trace._installed_recorder()
@@ -89,8 +95,4 @@ def mitigate(
         prompt_penalty=float(prompt_penalty),
         steps=as_indices(steps),
     )
-    mitigation = Mitigation(target, edit, lengths=lengths)
-    if layers is not None:
-        edit = AttentionEdit(**{**edit.__dict__, "layers": resolve_layers(layers, mitigation.layer_names)})
-        mitigation.edit = edit
-    return mitigation
+    return Mitigation(target, edit, layers=layers, lengths=lengths)

@@ -122,6 +122,30 @@ class Evaluation:
         }
 
 
+def mitigation_measures(
+    rows: list[dict[str, Any]],
+    threshold: float,
+    clean_groups: tuple[str, ...] = ("never_seen", "novel_composition"),
+) -> dict[str, float]:
+    """What a mitigation trades: copying of the 128-copy items and templates vs clean-prompt alignment."""
+    heavy = [r for r in rows if r["group"] == "memorized_matching" and r["duplication"] == 128]
+    template = [r for r in rows if r["group"] == "memorized_template"]
+    clean = [r for r in rows if r["group"] in clean_groups]
+
+    def mean(values: list) -> float:
+        return float(np.mean(values)) if values else float("nan")
+
+    return {
+        "copy_rate_128": mean([r["detail_similarity"] > threshold for r in heavy]),
+        "similarity_128": mean([r["detail_similarity"] for r in heavy]),
+        "alignment_128": mean([r["alignment"] for r in heavy]),
+        "copy_rate_template": mean([r["detail_similarity"] > threshold for r in template]),
+        "similarity_template": mean([r["detail_similarity"] for r in template]),
+        "alignment_clean": mean([r["alignment"] for r in clean]),
+        "all_attributes_clean": mean([r["alignment"] == 1.0 for r in clean]),
+    }
+
+
 def _pick(items: list, per_group: int, rng: np.random.Generator) -> list:
     if len(items) <= per_group:
         return items

@@ -43,11 +43,6 @@ def nearest_training_image(generated: np.ndarray, training: np.ndarray) -> Neare
     return NearestMatch(index=index, similarity=similarity[np.arange(len(generated)), index])
 
 
-def correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise Pearson correlation of two equally long stacks of images."""
-    return (_normalize(a) * _normalize(b)).sum(axis=1)
-
-
 def high_pass(images: np.ndarray) -> np.ndarray:
     """``x - mean of its 3x3 neighbourhood`` per channel (edge-replicated): drops flat colour offsets.
 
