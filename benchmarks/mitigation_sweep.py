@@ -26,11 +26,24 @@ GROUPS = ("memorized_matching", "memorized_template", "never_seen", "novel_compo
 
 
 def baseline_settings() -> list[tuple[str, dict | None, dict | None]]:
-    """Somepalli et al.'s inference-time baselines at the official defaults and a few strengths."""
+    """Every other method of ``memattn.methods`` at its published default and a few strengths.
+
+    Wen's target loss is set relative to this testbed's step-1 noise norms (clean prompts: median ≈ 15,
+    5th percentile ≈ 6 at guidance 2), since their 3 is a value for SD1's latents.
+    """
     out: list[tuple[str, dict | None, dict | None]] = [("plain", None, None)]
-    out += [(f"RTA n={n}", None, {"method": "rta", "n": n}) for n in (1, 4, 10)]
-    out += [(f"RNA n={n}", None, {"method": "rna", "n": n}) for n in (4, 10)]
-    out += [(f"GNI lambda={lam}", None, {"method": "gni", "lam": lam}) for lam in (0.1, 0.5, 1.0)]
+
+    def add(label: str, method: str, values: tuple) -> None:
+        out.extend((f"{label} {v}", None, {"method": method, "strength": v}) for v in values)
+
+    add("RTA n=", "rta", (1, 4, 10))
+    add("RNA n=", "rna", (4, 10))
+    add("GNI lambda=", "gni", (0.1, 0.5, 1.0))
+    add("Wen target=", "wen", (15.0, 10.0, 5.0))
+    out.append(("Kim&No pad-replace", None, {"method": "pad-replace"}))
+    add("Kim&No pad-mask share=", "pad-mask", (0.7, 0.9))
+    add("Jain STP share=", "stp", (0.3, 0.5))
+    add("Jain opposite guidance s=", "opposite-guidance", (1.0, 2.0))
     return out
 
 
@@ -54,7 +67,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--per-group", type=int, default=48)
     parser.add_argument("--c", type=float, nargs="+", default=[1.0, 1.1, 1.25, 1.5, 2.0, 3.0])
-    parser.add_argument("--baselines", action="store_true", help="RTA / RNA / GNI instead of ren2024")
+    parser.add_argument("--baselines", action="store_true", help="the other methods instead of ren2024")
+    parser.add_argument("--only", nargs="+", help="run only settings whose name starts with one of these")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     print(f"$ {' '.join(sys.argv)}")
@@ -66,6 +80,8 @@ def main() -> None:
     header = f"{'setting':36} {'copy128':>8} {'sim128':>7} {'copyT':>6} {'simT':>6}"
     print(header + f" {'align':>6} {'all5':>5} {'time':>6}")
     runs = baseline_settings() if args.baselines else [(n, m, None) for n, m in settings(args.c)]
+    if args.only:
+        runs = [run for run in runs if run[0] == "plain" or run[0].startswith(tuple(args.only))]
     for name, mitigation, baseline in runs:
         if mitigation is not None and mitigation.get("steps") == "early":
             mitigation = {**mitigation, "steps": list(range(round(0.3 * args.steps)))}

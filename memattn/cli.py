@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -148,10 +148,15 @@ def generate(
     mode: Annotated[str, typer.Option(help="Guard mode: continue or restart.")] = "continue",
     c: Annotated[float, typer.Option(help="BOS logit factor of the mitigation.")] = 1.25,
     method: Annotated[
-        str, typer.Option(help="Mitigation for every image: none, ren2024, rta, rna, gni (not with --guard).")
+        str,
+        typer.Option(
+            help="Mitigation for every image (not with --guard): none, ren2024, rta, rna, gni, wen, "
+            "pad-replace, pad-mask, stp, opposite-guidance (docs/mitigation.md)."
+        ),
     ] = "none",
     strength: Annotated[
-        float | None, typer.Option(help="rta/rna: inserted items (default 4); gni: noise λ (default 0.1).")
+        float | None,
+        typer.Option(help="The method's strength (ren2024: C, default --c; rta/rna: items; gni: λ; ...)."),
     ] = None,
     threshold: Annotated[float | None, typer.Option(help="Guard threshold (default: calibrated).")] = None,
     steps: Annotated[int, typer.Option(help="Denoising steps.")] = 50,
@@ -160,37 +165,28 @@ def generate(
     device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
 ) -> None:
     """Generate images; with --guard, each gets a verdict (score, flagged, mitigated, trigger tokens)."""
-    from contextlib import nullcontext
 
     import torch
 
-    from memattn import baselines
+    from memattn import methods
     from memattn.detect import check_prompts
     from memattn.guard import Guard
     from memattn.loading import load_pipeline
-    from memattn.mitigation import mitigate
 
     _quiet_loading()
     prompts = check_prompts(prompts)
     pipe = load_pipeline(model, device=device)
     generators = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(len(prompts))]
     kwargs = {"num_inference_steps": steps, "guidance_scale": guidance, "generator": generators}
-    methods = ("none", "ren2024", *baselines.METHODS)
-    if method not in methods:
-        raise MemattnError(f"unknown --method {method!r}; choose one of {', '.join(methods)}")
+    if method not in methods.METHODS:
+        raise MemattnError(f"unknown --method {method!r}; choose one of {', '.join(methods.METHODS)}")
     if guard and method != "none":
         raise MemattnError(
             "--guard applies the paper's edit to flagged images only; do not combine it with --method"
         )
-    context: Any = nullcontext()
-    generated_prompts = prompts
-    if method == "ren2024":
-        context = mitigate(pipe, c=c)
-    elif method == "gni":
-        context = baselines.embedding_noise(pipe, 0.1 if strength is None else strength, seed=seed)
-    elif method in ("rta", "rna"):
-        count = 4 if strength is None else int(strength)
-        generated_prompts = baselines.transform_prompts(pipe, prompts, method, count, seed)
+    value = c if method == "ren2024" and strength is None else strength
+    prepared = methods.prepare(pipe, method, prompts, value, seed=seed, steps=steps)
+    context, generated_prompts = prepared.context, prepared.prompts
     if guard:
         result = Guard(pipe, threshold=threshold, mode=mode, mitigation={"c": c})(prompts, **kwargs)  # type: ignore[arg-type]
         images, verdicts = result.images, [v.to_dict() for v in result.verdicts]
@@ -198,7 +194,7 @@ def generate(
         with context:
             images = pipe(generated_prompts, **kwargs).images
         verdicts = [
-            {"prompt": p, "generated_prompt": g, "method": method, "guarded": False}
+            {"prompt": p, "generated_prompt": g, "method": method, "strength": value, "guarded": False}
             for p, g in zip(prompts, generated_prompts, strict=True)
         ]
     out.mkdir(parents=True, exist_ok=True)

@@ -91,8 +91,9 @@ class AttentionEdit:
             )
         bias = torch.zeros(batch, heads, n_query, n_tokens, dtype=query.dtype, device=query.device)
         eos = tuple(layout.eos_index for layout in layouts)
-        masks = _token_masks(eos, n_tokens, self.mask_padding, self.mask_eos, self.mask_prompt)
-        hidden, prompt_words = (m.to(query.device) for m in masks)
+        hidden, prompt_words = _token_masks(
+            eos, n_tokens, self.mask_padding, self.mask_eos, self.mask_prompt, query.device
+        )
         if rows_mask is not None:
             rows = rows_mask.to(query.device)
             hidden, prompt_words = hidden & rows[:, None], prompt_words & rows[:, None]
@@ -117,9 +118,15 @@ class AttentionEdit:
 
 @functools.lru_cache(maxsize=256)
 def _token_masks(
-    eos: tuple[int, ...], n_tokens: int, mask_padding: bool, mask_eos: bool, mask_prompt: bool
+    eos: tuple[int, ...],
+    n_tokens: int,
+    mask_padding: bool,
+    mask_eos: bool,
+    mask_prompt: bool,
+    device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(hidden, prompt_words)``, bool ``[row, token]``: built once per batch layout, not per layer call."""
+    """``(hidden, prompt_words)``, bool ``[row, token]`` on ``device``: built once per batch layout and
+    device, not per layer call (no host-to-device copy inside the UNet on a GPU)."""
     position = torch.arange(n_tokens)[None, :]
     eos_index = torch.tensor(eos)[:, None]
     prompt_words = (position >= 1) & (position < eos_index)
@@ -128,7 +135,7 @@ def _token_masks(
         hidden |= position >= eos_index + (0 if mask_eos else 1)
     if mask_prompt:
         hidden |= prompt_words
-    return hidden, prompt_words
+    return hidden.to(device), prompt_words.to(device)
 
 
 def merge_masks(bias: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

@@ -177,7 +177,9 @@ class Guard:
                         recorder.store = False  # the rest of the run needs no recording
                         if self.mode == "continue" and state["flagged"].any():
                             recorder.editor = self.edit
-                            recorder.edit_rows = torch.as_tensor(state["flagged"])
+                            recorder.edit_rows = torch.as_tensor(
+                                state["flagged"], device=pipe.unet.device
+                            )
                     return user_callback(pipe, step, timestep, tensors) if user_callback else tensors
 
                 try:

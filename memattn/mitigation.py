@@ -27,8 +27,9 @@ class Mitigation:
         *,
         layers: Sequence[int | str] | None = None,
         lengths: Sequence[int] | None = None,
+        cfg: bool = False,
     ) -> None:
-        self._trace = Trace(target, lengths=lengths)
+        self._trace = Trace(target, lengths=lengths, cfg=cfg)
         if layers is not None:  # names or indices, resolved as the trace resolves map_layers
             edit = replace(edit, layers=tuple(self._trace._resolve_layer(layer) for layer in layers))
         self.edit = edit
@@ -75,6 +76,7 @@ def mitigate(
     steps: Sequence[int] | range | None = None,
     layers: Sequence[int | str] | None = None,
     lengths: Sequence[int] | None = None,
+    cfg: bool = False,
 ) -> Mitigation:
     """Edit cross-attention as Ren et al. (ECCV 2024): ``with mitigate(pipe): pipe(...)``.
 
@@ -84,7 +86,9 @@ def mitigate(
     call) and ``layers`` (indices in forward order or ``attn2`` names) restrict where the edit applies.
     ``mask_prompt`` (for analysis) hides the prompt words instead, leaving BOS and the summary tokens;
     ``prompt_penalty`` subtracts a constant from the prompt words' logits (a soft version of it).
-    ``lengths`` gives token counts per prompt when the pipeline is called with ``prompt_embeds``.
+    ``lengths`` gives token counts per prompt when the pipeline is called with ``prompt_embeds``; on a
+    bare UNet it describes the conditional rows, and ``cfg=True`` says the batch is ``[uncond, cond]``
+    (as for ``memattn.trace``; a pipeline sets both itself).
     """
     edit = AttentionEdit(
         c=float(c) if isinstance(c, int | float) else c,
@@ -95,4 +99,4 @@ def mitigate(
         prompt_penalty=float(prompt_penalty),
         steps=as_indices(steps),
     )
-    return Mitigation(target, edit, layers=layers, lengths=lengths)
+    return Mitigation(target, edit, layers=layers, lengths=lengths, cfg=cfg)

@@ -98,8 +98,11 @@ def test_cli_report_and_info_on_the_bundled_model(tmp_path):
     [
         (None, None),
         ({"c": 1.25}, None),
-        (None, {"method": "rta", "n": 2}),
-        (None, {"method": "gni", "lam": 0.5}),
+        (None, {"method": "rta", "strength": 2}),
+        (None, {"method": "gni", "strength": 0.5}),
+        (None, {"method": "wen", "strength": 0.0}),
+        (None, {"method": "pad-mask"}),
+        (None, {"method": "opposite-guidance"}),
     ],
 )
 def test_evaluate_under_a_mitigation_or_baseline(mitigation, baseline):

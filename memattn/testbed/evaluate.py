@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 import memattn
-from memattn import baselines
+from memattn import methods
 from memattn.errors import MemattnError
 from memattn.metrics import detection_metrics
 from memattn.testbed.alignment import CLASSIFIER_FILE, alignment, load_classifier
@@ -170,9 +170,8 @@ def evaluate(
     """Generate ``per_group`` prompts x ``seeds`` per group (seed of image = 1000·seed + item id).
 
     ``mitigation``: keyword arguments of ``memattn.mitigate`` (e.g. ``{"c": 1.25}``) to generate under it.
-    ``baseline``: ``{"method": "rta"|"rna", "n": 4}`` or ``{"method": "gni", "lam": 0.1}`` (see
-    ``memattn.baselines``);
-    copies and alignment are still judged against each item's own caption and image.
+    ``baseline``: ``{"method": NAME, "strength": VALUE}``, any method of ``memattn.methods`` (strength
+    optional); copies and alignment are still judged against each item's own caption and image.
     """
     from contextlib import nullcontext
 
@@ -202,12 +201,13 @@ def evaluate(
         generators = [torch.Generator().manual_seed(1000 * seed + item.item_id) for item, seed in batch]
         edit = mitigate(pipe, **mitigation) if mitigation is not None else nullcontext()
         captions = [item.caption for item, _ in batch]
-        noise: Any = nullcontext()
-        if baseline is not None and baseline["method"] == "gni":
-            noise = baselines.embedding_noise(pipe, baseline.get("lam", 0.1), seed=start)
-        elif baseline is not None:
-            captions = baselines.transform_prompts(pipe, captions, baseline["method"], baseline.get("n", 4))
-        with edit, noise, memattn.trace(pipe) as tr:
+        other: Any = nullcontext()
+        if baseline is not None:
+            prepared = methods.prepare(
+                pipe, baseline["method"], captions, baseline.get("strength"), seed=start, steps=steps
+            )
+            captions, other = prepared.prompts, prepared.context
+        with edit, other, memattn.trace(pipe) as tr:
             images = pipe(
                 captions,
                 num_inference_steps=steps,
