@@ -211,6 +211,14 @@ def _layer_arg(layer: str | None) -> int | str | None:
     return int(layer) if layer is not None and layer.lstrip("-").isdigit() else layer
 
 
+def _add_bench() -> None:
+    from memattn.bench.app import register
+
+    app.add_typer(register(), name="bench")
+
+
+_add_bench()
+
 testbed_app = typer.Typer(no_args_is_help=True, help="The CPU-scale memorization testbed.")
 app.add_typer(testbed_app, name="testbed")
 

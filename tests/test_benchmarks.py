@@ -40,3 +40,20 @@ def test_mitigation_overhead_quick_run(tmp_path):
     arms = json.loads(out.read_text())["arms"]
     assert set(arms) == {"plain", "mitigate", "guard, clean", "guard, flagged", "guard, restart"}
     assert arms["plain"]["median_ratio_to_plain"] == 1.0
+
+
+@pytest.mark.slow
+def test_detect_cost_quick_run(tmp_path):
+    out = tmp_path / "cost.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "detect_cost.py"), "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    for model in ("testbed", "sd1_tiny"):
+        arms = data[model]
+        assert arms["step-1 (E, Wen, combined)"]["times_slower_than_step1"] == 1.0
+        assert len(arms) == 4 and all(arm["prompts_per_second"] > 0 for arm in arms.values())

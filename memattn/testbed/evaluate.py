@@ -9,6 +9,7 @@ entropy over steps). ``Evaluation.summary()`` turns that into per-group rates an
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,13 +166,15 @@ def evaluate(
     pipe: Any = None,
     mitigation: dict[str, Any] | None = None,
     baseline: dict[str, Any] | None = None,
+    prompt_transform: Callable[[list[str]], list[str]] | None = None,
     progress: bool = True,
 ) -> Evaluation:
     """Generate ``per_group`` prompts x ``seeds`` per group (seed of image = 1000·seed + item id).
 
     ``mitigation``: keyword arguments of ``memattn.mitigate`` (e.g. ``{"c": 1.25}``) to generate under it.
     ``baseline``: ``{"method": NAME, "strength": VALUE}``, any method of ``memattn.methods`` (strength
-    optional); copies and alignment are still judged against each item's own caption and image.
+    optional); ``prompt_transform`` rewrites each batch's captions (analysis: paraphrases).
+    Copies and alignment are still judged against each item's own caption and image.
     """
     from contextlib import nullcontext
 
@@ -201,6 +204,8 @@ def evaluate(
         generators = [torch.Generator().manual_seed(1000 * seed + item.item_id) for item, seed in batch]
         edit = mitigate(pipe, **mitigation) if mitigation is not None else nullcontext()
         captions = [item.caption for item, _ in batch]
+        if prompt_transform is not None:
+            captions = prompt_transform(captions)
         other: Any = nullcontext()
         if baseline is not None:
             prepared = methods.prepare(

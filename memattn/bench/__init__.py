@@ -1,0 +1,1 @@
+"""``memattn bench``: detection and mitigation benchmarks, one command each."""

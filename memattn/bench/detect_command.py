@@ -1,0 +1,171 @@
+"""``memattn bench detect``: the detection table (AUC, TPR at low FPR, CIs, cost) for one model."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from memattn.bench.app import bench_app
+from memattn.errors import MemattnError
+
+TESTBED_POSITIVE_GROUPS = ("memorized_template",)  # plus matching items with >= 32 copies
+TESTBED_NEGATIVE_GROUPS = ("seen_once", "rare_word_seen_once", "never_seen", "novel_composition")
+
+
+def testbed_prompts(model: Path, per_group: int) -> tuple[list[str], list[int]]:
+    """The testbed's ground truth: copied items (>= 32 copies, templates) vs the non-memorized groups."""
+    import numpy as np
+
+    from memattn.testbed.evaluate import dataset_for
+
+    dataset = dataset_for(model)
+    rng = np.random.default_rng(0)
+
+    def pick(items: list) -> list:
+        if len(items) <= per_group:
+            return items
+        return [items[i] for i in sorted(rng.choice(len(items), per_group, replace=False))]
+
+    positives = [it for it in dataset.group("memorized_matching") if it.duplication >= 32]
+    positives = pick([it for it in positives if it.duplication == 128]) + pick(
+        [it for it in positives if it.duplication == 32]
+    )
+    for group in TESTBED_POSITIVE_GROUPS:
+        positives += pick(list(dataset.group(group)))
+    negatives = [it for group in TESTBED_NEGATIVE_GROUPS for it in pick(list(dataset.group(group)))]
+    prompts = [it.caption for it in positives + negatives]
+    return prompts, [1] * len(positives) + [0] * len(negatives)
+
+
+def roc_figure(per_prompt: dict[str, Any], labels: Any, path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for name, values in per_prompt.items():
+        fpr, tpr, _ = roc_curve(labels, values)
+        ax.plot(fpr, tpr, label=name, lw=1.5 if not name.startswith("e_layer") else 0.7)
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.5, ls="--")
+    ax.set_xscale("symlog", linthresh=0.01)
+    ax.set_xlabel("false-positive rate (symlog)")
+    ax.set_ylabel("true-positive rate")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+@bench_app.command("detect")
+def bench_detect(
+    model: Annotated[str, typer.Option("--model", "-m", help="Pipeline directory, hub id or 'testbed'.")] = (
+        "testbed"
+    ),
+    memorized: Annotated[
+        Path | None, typer.Option(help="Memorized prompts (.txt/.jsonl/.csv/.parquet).")
+    ] = None,
+    clean: Annotated[Path | None, typer.Option(help="Non-memorized prompts, same formats.")] = None,
+    seeds: Annotated[int, typer.Option(help="Generations per prompt (seed = index + 100000 * k).")] = 3,
+    steps: Annotated[int, typer.Option(help="Denoising steps (the paper: 50).")] = 50,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (> 1).")] = 7.5,
+    per_group: Annotated[int, typer.Option(help="Testbed only: prompts per ground-truth group.")] = 32,
+    batch_size: Annotated[int, typer.Option(help="Images per pipeline call.")] = 8,
+    device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+    out: Annotated[Path, typer.Option(help="Directory for the CSV, rows, ROC figure and detector.")] = Path(
+        "bench_detect"
+    ),
+) -> None:
+    """Every detection score (D, E, E per layer, Wen, bright ending, combined step-1) in one pass."""
+    from memattn.bench.detect import analyse, collect, per_prompt_scores
+    from memattn.cli import _quiet_loading
+    from memattn.combined import DETECTOR_FILE
+    from memattn.loading import load_pipeline, resolve_model
+    from memattn.prompts_io import read_prompts
+
+    _quiet_loading()
+    resolved = resolve_model(model)
+    is_testbed = (Path(resolved) / "memattn_testbed.json").is_file()
+    if memorized is None and clean is None:
+        if not is_testbed:
+            raise MemattnError(
+                "give --memorized FILE and --clean FILE (only the testbed has built-in labels)"
+            )
+        prompts, labels = testbed_prompts(Path(resolved), per_group)
+    elif memorized is None or clean is None:
+        raise MemattnError("give both --memorized and --clean prompt files")
+    else:
+        positives, negatives = read_prompts(memorized), read_prompts(clean)
+        prompts, labels = positives + negatives, [1] * len(positives) + [0] * len(negatives)
+    if seeds < 1:
+        raise MemattnError(f"--seeds must be >= 1, got {seeds}")
+    pipe = load_pipeline(model, device=device)
+    collected = collect(
+        pipe, prompts, labels, seeds=seeds, steps=steps, guidance_scale=guidance, batch_size=batch_size
+    )
+    table, detector = analyse(collected, labels, steps, model=str(model))
+    out.mkdir(parents=True, exist_ok=True)
+    detector.save(out / DETECTOR_FILE)
+    with (out / "detect_rows.jsonl").open("w") as handle:
+        for row in collected.rows:
+            handle.write(json.dumps(row) + "\n")
+    columns = list(table[0])
+    with (out / "detect_bench.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(
+            {k: json.dumps(v) if isinstance(v, list) else v for k, v in r.items()} for r in table
+        )
+    main_scores = ["score_d", "score_e", "wen_step1", "wen_all_steps", "bright_ending", "combined"]
+    import numpy as np
+
+    from memattn.bench.detect import split_prompts
+
+    held_out = ~split_prompts(labels)
+    per_prompt = per_prompt_scores(collected.rows, main_scores, len(labels))
+    roc_figure(
+        {k: v[held_out] for k, v in per_prompt.items()},
+        np.asarray(labels)[held_out],
+        out / "roc.png",
+        f"{model}: held-out prompts, {seeds} seed(s), {steps} steps, CFG {guidance}",
+    )
+    summary = {
+        "model": str(model),
+        "prompts": len(prompts),
+        "memorized": int(sum(labels)),
+        "seeds": seeds,
+        "steps": steps,
+        "guidance": guidance,
+        "held_out_prompts": int(held_out.sum()),
+        "seconds_full_pass": collected.seconds_full,
+        "seconds_step1_pass": collected.seconds_step1,
+        "table": table,
+    }
+    (out / "detect_bench.json").write_text(json.dumps(summary, indent=1))
+    console = Console()
+    view = Table(title=f"detection on held-out prompts ({int(held_out.sum())} of {len(prompts)})")
+    for column in ("score", "AUC [95% CI]", "TPR@1% (interp / nearest)", "TPR@10%", "UNet calls", "s/image"):
+        view.add_column(column)
+    for row in table:
+        low, high = row["auc_ci95"]
+        view.add_row(
+            row["score"],
+            f"{row['auc']:.3f} [{low:.2f}, {high:.2f}]",
+            f"{row['tpr@1%fpr_interp']:.3f} / {row['tpr@1%fpr_nearest']:.3f}",
+            f"{row['tpr@10%fpr_interp']:.3f}",
+            str(row["unet_calls_per_image"]),
+            f"{row['seconds_per_image']:.3f}",
+        )
+    console.print(view)
+    console.print(
+        f"wrote {out}/detect_bench.csv, detect_bench.json, detect_rows.jsonl, roc.png, {DETECTOR_FILE}"
+    )
