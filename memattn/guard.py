@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +25,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from memattn.detectors import NoiseDifference
 from memattn.edits import AttentionEdit
 from memattn.errors import MemattnError
 from memattn.mitigation import Mitigation
@@ -166,9 +168,10 @@ class Guard:
         user_callback = kwargs.pop("callback_on_step_end", None)
         state: dict[str, Any] = {}
         captured = self._capture_initial_latents(state)
-        wen_hook = self._wen_hook(state) if self.score == "wen" else None
+        noise = NoiseDifference(self.pipe, max_calls=1) if self.score == "wen" else nullcontext()
+        state["noise"] = noise
         try:
-            with Trace(self.pipe) as tr:
+            with Trace(self.pipe) as tr, noise:
                 recorder = tr.recorder
 
                 def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
@@ -188,8 +191,6 @@ class Guard:
                     recorder.editor, recorder.edit_rows = None, None
         finally:
             captured()
-            if wen_hook is not None:
-                wen_hook.remove()
         if "flagged" not in state:
             raise MemattnError("the pipeline made no denoising step: nothing to score")
         images = output.images
@@ -216,27 +217,12 @@ class Guard:
         if self.score == "e":
             scores = score_e(record, self.layer).numpy()
         else:
-            if "wen" not in state:
-                raise MemattnError(
-                    "score 'wen' needs classifier-free guidance (guidance_scale > 1): it compares the "
-                    "conditional and unconditional noise predictions"
-                )
-            scores = state["wen"]
+            scores = state["noise"].wen(1)
         if not np.isfinite(scores).all():
             raise MemattnError("a step-1 score is NaN or infinite (fp16 overflow?); run the model in fp32")
         state["scores"] = scores
         state["flagged"] = scores > self.threshold
         state["triggers"] = trigger_tokens(record, k=3)
-
-    def _wen_hook(self, state: dict) -> Any:
-        def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            if "wen" in state or not getattr(self.pipe, "do_classifier_free_guidance", False):
-                return
-            sample = output[0] if isinstance(output, tuple) else output.sample
-            uncond, cond = sample.float().chunk(2)
-            state["wen"] = (cond - uncond).flatten(1).norm(dim=1).cpu().numpy()
-
-        return self.pipe.unet.register_forward_hook(hook, with_kwargs=True)
 
     def _capture_initial_latents(self, state: dict) -> Callable[[], None]:
         """Wrap ``prepare_latents`` to keep the initial noise (restart mode regenerates from it)."""

@@ -16,15 +16,15 @@ from typer.testing import CliRunner
 import memattn.bench.mitigate_command  # noqa: F401  (registers the command on bench_app)
 from memattn.bench.app import bench_app
 from memattn.bench.mitigate import (
-    SSCD,
     Setting,
-    pareto_front,
     parse_methods,
     parse_strengths,
     run_mitigation_bench,
     settings_for,
 )
+from memattn.bench.pareto import pareto_front
 from memattn.errors import MemattnError
+from memattn.image_measures import SSCD
 from memattn.methods import METHODS
 
 TESTBED_COLUMNS = (

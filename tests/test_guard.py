@@ -80,7 +80,7 @@ def test_only_flagged_images_change(sd1_pipe, mode):
 
 
 def test_wen_score_needs_guidance_and_calibration_loads_from_the_model_dir(sd1_pipe, tmp_path):
-    with pytest.raises(MemattnError, match="needs classifier-free guidance"):
+    with pytest.raises(MemattnError, match="need classifier-free guidance"):
         guarded(Guard(sd1_pipe, threshold=0.0, score="wen"), guidance_scale=1.0)
     out = guarded(Guard(sd1_pipe, threshold=1e9, score="wen"))
     assert all(v.score > 0 for v in out.verdicts)

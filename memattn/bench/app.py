@@ -9,6 +9,6 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: detection scores
 
 def register() -> typer.Typer:
     """Import the command modules (they add themselves to ``bench_app``) and return the group."""
-    from memattn.bench import detect_command  # noqa: F401
+    from memattn.bench import detect_command, mitigate_command  # noqa: F401
 
     return bench_app

@@ -24,7 +24,7 @@ import csv
 import json
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,24 +34,15 @@ import torch
 from tqdm.auto import tqdm
 
 from memattn import methods
+from memattn.bench.pareto import mark_pareto, pareto_figure
 from memattn.errors import MemattnError
+from memattn.image_measures import SSCD, ClipScore, reference_images
 
 # The groups mitigation_measures reads (the same as benchmarks/mitigation_sweep.py generates).
 TESTBED_GROUPS = ("memorized_matching", "memorized_template", "never_seen", "novel_composition")
 TESTBED_DEFAULTS = {"steps": 25, "guidance": 2.0, "per_group": 48}
 IMAGE_DEFAULTS = {"steps": 50, "guidance": 7.5}
 
-# SSCD preprocessing as its README recommends ("small_288"): short edge resized to 288 (bilinear, as
-# torchvision's Resize on PIL images), then ImageNet normalisation. The models return L2-normalised
-# descriptors; they are normalised again here so any TorchScript embedding model can stand in.
-SSCD_SHORT_EDGE = 288
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-SSCD_FORMAT = (
-    "an SSCD TorchScript file such as sscd_disc_mixup.torchscript.pt or sscd_disc_large.torchscript.pt "
-    "(facebookresearch/sscd-copy-detection): a module mapping [N, 3, H, W] images to [N, D] descriptors"
-)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 NO_STRENGTH = tuple(name for name, value in methods.DEFAULT_STRENGTH.items() if value is None)
 
 TESTBED_COLUMNS = (
@@ -173,130 +164,6 @@ def is_testbed(model: str | Path) -> bool:
     from memattn.testbed.evaluate import MANIFEST
 
     return (Path(resolve_model(str(model))) / MANIFEST).is_file()
-
-
-# ------------------------------------------------------------------------------------ copy similarity
-
-
-class SSCD:
-    """A TorchScript copy-detection descriptor (SSCD or anything with its interface)."""
-
-    def __init__(self, path: str | Path, device: str = "cpu", batch_size: int = 16) -> None:
-        path = Path(path)
-        if not path.is_file():
-            raise MemattnError(f"--sscd {path} does not exist; expected {SSCD_FORMAT}")
-        try:
-            self.module = torch.jit.load(str(path), map_location=device)
-        except (RuntimeError, ValueError, OSError, EOFError) as error:
-            first = str(error).splitlines()[0].split(". ")[0] if str(error) else type(error).__name__
-            raise MemattnError(
-                f"{path} is not a TorchScript module ({first[:120]}); expected {SSCD_FORMAT}"
-            ) from None
-        self.module.eval()
-        self.device = device
-        self.batch_size = batch_size
-        self.path = path
-
-    @staticmethod
-    def preprocess(image: Any) -> torch.Tensor:
-        """PIL image -> [3, H, W]: short edge to ``SSCD_SHORT_EDGE``, ImageNet-normalised."""
-        from PIL import Image
-
-        image = image.convert("RGB")
-        scale = SSCD_SHORT_EDGE / min(image.size)
-        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-        array = np.asarray(image.resize(size, Image.BILINEAR), dtype=np.float32) / 255.0
-        array = (array - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
-        return torch.from_numpy(array.transpose(2, 0, 1).copy())
-
-    @torch.no_grad()
-    def embed(self, images: Sequence[Any]) -> torch.Tensor:
-        """L2-normalised float64 descriptors [N, D] (images of one batch must share a size)."""
-        out = []
-        for start in range(0, len(images), self.batch_size):
-            batch = torch.stack([self.preprocess(im) for im in images[start : start + self.batch_size]])
-            try:
-                features = self.module(batch.to(self.device))
-            except RuntimeError as error:
-                first = str(error).splitlines()[0][:120]
-                raise MemattnError(f"--sscd {self.path} failed on a batch of images ({first})") from None
-            if not isinstance(features, torch.Tensor) or features.dim() != 2 or len(features) != len(batch):
-                shape = (
-                    tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
-                )
-                raise MemattnError(f"--sscd {self.path} returned {shape}; expected {SSCD_FORMAT}")
-            out.append(torch.nn.functional.normalize(features.double().cpu(), dim=1))
-        return torch.cat(out) if out else torch.zeros(0, 0, dtype=torch.float64)
-
-
-def reference_images(directory: str | Path, count: int) -> list[Any]:
-    """Training images of memorized prompts 0..count-1, named ``{i}.png`` or ``{i:04d}.png`` (or jpg/webp)."""
-    from PIL import Image
-
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise MemattnError(f"--reference-dir {directory} is not a directory")
-    found, missing = [], []
-    for i in range(count):
-        paths = [directory / f"{stem}{suffix}" for stem in (str(i), f"{i:04d}") for suffix in IMAGE_SUFFIXES]
-        path = next((p for p in paths if p.is_file()), None)
-        if path is None:
-            missing.append(f"{i:04d}.png")
-        else:
-            found.append(Image.open(path).convert("RGB"))
-    if missing:
-        raise MemattnError(
-            f"--reference-dir {directory} lacks {len(missing)} of {count} images (first: {missing[0]}); "
-            "name the training image of memorized prompt i as i.png or {i:04d}.png"
-        )
-    return found
-
-
-# ------------------------------------------------------------------------------------------- alignment
-
-
-class ClipScore:
-    """torchmetrics' CLIPScore, ``100 · max(cos(image, text), 0)``, from a local transformers CLIP dir."""
-
-    def __init__(self, path: str | Path, device: str = "cpu", batch_size: int = 16) -> None:
-        from transformers import CLIPModel, CLIPProcessor
-
-        path = Path(path)
-        hint = (
-            "--clip expects a local directory written by CLIPModel/CLIPProcessor.save_pretrained "
-            "(config.json, model.safetensors, tokenizer and image-processor files), e.g. a download of "
-            "openai/clip-vit-large-patch14"
-        )
-        if not path.is_dir():
-            raise MemattnError(f"--clip {path} is not a directory; {hint}")
-        try:
-            self.model = CLIPModel.from_pretrained(str(path), local_files_only=True, use_safetensors=True)
-            self.processor = CLIPProcessor.from_pretrained(str(path), local_files_only=True)
-        except (OSError, ValueError, TypeError, KeyError) as error:
-            first = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
-            raise MemattnError(f"--clip {path} could not be loaded ({first}); {hint}") from None
-        self.model.eval().to(device)
-        self.device = device
-        self.batch_size = batch_size
-        self.max_length = int(self.model.config.text_config.max_position_embeddings)
-
-    @torch.no_grad()
-    def __call__(self, images: Sequence[Any], prompts: Sequence[str]) -> np.ndarray:
-        """One score per (image, prompt) pair; prompts truncated to CLIP's 77 tokens, as torchmetrics does."""
-        scores = []
-        for start in range(0, len(images), self.batch_size):
-            inputs = self.processor(
-                text=list(prompts[start : start + self.batch_size]),
-                images=list(images[start : start + self.batch_size]),
-                return_tensors="pt",
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-            ).to(self.device)
-            out = self.model(**inputs)  # image_embeds / text_embeds: projected and L2-normalised
-            cosine = (out.image_embeds.double() * out.text_embeds.double()).sum(-1)
-            scores.append((100 * cosine.clamp(min=0)).cpu().numpy())
-        return np.concatenate(scores) if scores else np.zeros(0)
 
 
 # ------------------------------------------------------------------------------------------------- runs
@@ -592,105 +459,6 @@ def figure_axes(rows: Sequence[dict[str, Any]]) -> tuple[str, str]:
         return "similarity_128", "alignment_clean"
     measured = any(math.isfinite(row.get("sscd_train", float("nan"))) for row in rows)
     return ("sscd_train" if measured else "sscd_gen"), "clip_score_clean"
-
-
-AXIS_LABELS = {
-    "similarity_128": "mean detail similarity of 128-copy items' generations (lower = less copying)",
-    "alignment_clean": "attribute alignment of clean prompts (higher = more faithful)",
-    "sscd_gen": "SSCD similarity to the unmitigated generation, same seed [gen] (lower = changed more)",
-    "sscd_train": "SSCD similarity to the training image [train] (lower = less copying)",
-    "clip_score_clean": "CLIP score of clean prompts (higher = more faithful)",
-}
-
-
-def _finite(row: dict[str, Any], *keys: str) -> bool:
-    return all(isinstance(row.get(k), int | float) and math.isfinite(row[k]) for k in keys)
-
-
-PARETO_TOLERANCE = 1e-9
-
-
-def pareto_front(rows: Sequence[dict[str, Any]], x_key: str, y_key: str) -> list[int]:
-    """Indices of the rows no other row beats on both axes (x: lower is better, y: higher is better).
-
-    Values within ``PARETO_TOLERANCE`` count as ties, so rounding noise in means does not make a row
-    look undominated.
-    """
-    points = [(i, row[x_key], row[y_key]) for i, row in enumerate(rows) if _finite(row, x_key, y_key)]
-    eps = PARETO_TOLERANCE
-
-    def beats(x2: float, y2: float, x: float, y: float) -> bool:
-        return x2 <= x + eps and y2 >= y - eps and (x2 < x - eps or y2 > y + eps)
-
-    return [i for i, x, y in points if not any(beats(x2, y2, x, y) for _, x2, y2 in points)]
-
-
-def mark_pareto(rows: Sequence[dict[str, Any]], x_key: str, y_key: str) -> None:
-    front = set(pareto_front(rows, x_key, y_key))
-    for i, row in enumerate(rows):
-        row["pareto"] = i in front
-
-
-MARKERS = dict(zip(methods.METHODS, ("*", "o", "s", "D", "v", "P", "X", "p", "^", "<"), strict=True))
-FALLBACK_MARKERS = ("x", "h", ">", "8", "d", "H", "+", "1")
-
-
-def pareto_figure(
-    rows: Sequence[dict[str, Any]],
-    path: str | Path,
-    x_key: str,
-    y_key: str,
-    title: str,
-    *,
-    x_label: str | None = None,
-    y_label: str | None = None,
-    family: Callable[[dict[str, Any]], str] = lambda row: row["method"],
-    label: Callable[[dict[str, Any]], str] = lambda row: row["setting"],
-) -> Path | None:
-    """Copy similarity vs alignment, one marker and colour per method family, every point labelled,
-    the Pareto front dashed. Rows missing either value are left out; None if none has both."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    points = [row for row in rows if _finite(row, x_key, y_key)]
-    if not points:
-        return None
-    families = list(dict.fromkeys(family(row) for row in points))
-    colors = plt.get_cmap("tab10")
-    fallback = iter(FALLBACK_MARKERS * (1 + len(families) // len(FALLBACK_MARKERS)))
-    markers = {name: MARKERS.get(name) or next(fallback) for name in families}
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    for k, name in enumerate(families):
-        members = [row for row in points if family(row) == name]
-        ax.scatter(
-            [r[x_key] for r in members],
-            [r[y_key] for r in members],
-            marker=markers[name],
-            color=colors(k % 10),
-            s=90 if markers[name] == "*" else 55,
-            label=name,
-            zorder=3,
-        )
-    for row in points:
-        ax.annotate(
-            label(row), (row[x_key], row[y_key]), fontsize=6, xytext=(4, 3), textcoords="offset points"
-        )
-    front = sorted((points[i][x_key], points[i][y_key]) for i in pareto_front(points, x_key, y_key))
-    if len(front) > 1:
-        ax.plot(*zip(*front, strict=True), "--", color="grey", lw=1, zorder=2, label="Pareto front")
-    ax.legend(fontsize=8, loc="best")
-    ax.set_xlabel(x_label or AXIS_LABELS.get(x_key, x_key), fontsize=9)
-    ax.set_ylabel(y_label or AXIS_LABELS.get(y_key, y_key), fontsize=9)
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def bench_notes(rows: Sequence[dict[str, Any]]) -> list[str]:
