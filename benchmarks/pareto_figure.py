@@ -16,7 +16,7 @@ from pathlib import Path
 
 from memattn.bench.pareto import pareto_figure
 
-FAMILIES = ("ren2024", "BOS x C", "RTA", "RNA", "GNI", "Wen", "Kim&No", "Jain", "plain")
+FAMILIES = ("ren2024", "mask padding", "BOS x C", "RTA", "RNA", "GNI", "Wen", "Kim&No", "Jain", "plain")
 
 
 def family(row: dict) -> str:

@@ -128,6 +128,7 @@ def test_collect_and_analyse_on_a_tiny_pipeline(sd1_pipe):
     collected = collect(sd1_pipe, prompts, labels, seeds=2, steps=3, batch_size=5, progress=False)
     assert len(collected.rows) == 16 and collected.features.shape[0] == 16
     assert {row["seed"] for row in collected.rows if row["prompt_index"] == 1} == {1, 100_001}
+    assert {row["seed"] for row in collected.rows if row["prompt_index"] == 5} == {1, 100_001}  # own file
     table, detector = analyse(collected, labels, steps=3, model="tiny")
     by_name = {row["score"]: row for row in table}
     assert {"score_d", "score_e", "wen_step1", "bright_ending", "combined", "e_layer15"} <= set(by_name)

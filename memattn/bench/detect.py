@@ -29,7 +29,7 @@ from memattn.metrics import tpr_at_fpr
 from memattn.probe import trace
 
 FPRS = (0.01, 0.03, 0.05, 0.10)
-SEED_STRIDE = 100_000  # image seed = prompt index + SEED_STRIDE * seed number (seed 0: the paper's)
+SEED_STRIDE = 100_000  # image seed = index in its own file + SEED_STRIDE * seed number (0: the paper's)
 STEP1_SCORES = ("score_e", "wen_step1", "combined")
 
 
@@ -70,6 +70,8 @@ def collect(
     if steps < 2:
         raise MemattnError(f"score D needs at least 2 denoising steps, got {steps}")
     jobs = [(i, s) for s in range(seeds) for i in range(len(prompts))]
+    # the official code seeds each prompt file from 0 (line index + seed): memorized and clean alike
+    in_file = [sum(1 for other in labels[:i] if other == label) for i, label in enumerate(labels)]
     rows: list[dict[str, Any]] = []
     features: list[np.ndarray] = []
     names: list[str] = []
@@ -78,7 +80,7 @@ def collect(
     for start in tqdm(batches, desc="bench detect", unit="batch", disable=not progress):
         batch = jobs[start : start + batch_size]
         texts = [prompts[i] for i, _ in batch]
-        image_seeds = [i + SEED_STRIDE * s for i, s in batch]
+        image_seeds = [in_file[i] + SEED_STRIDE * s for i, s in batch]
 
         def call(texts: list[str] = texts, image_seeds: list[int] = image_seeds, **extra: Any) -> None:
             pipe(

@@ -75,11 +75,16 @@ def bench_detect(
         Path | None, typer.Option(help="Memorized prompts (.txt/.jsonl/.csv/.parquet).")
     ] = None,
     clean: Annotated[Path | None, typer.Option(help="Non-memorized prompts, same formats.")] = None,
-    seeds: Annotated[int, typer.Option(help="Generations per prompt (seed = index + 100000 * k).")] = 3,
+    seeds: Annotated[
+        int, typer.Option(help="Generations per prompt (seed = index in its file + 100000 * k).")
+    ] = 3,
     steps: Annotated[int, typer.Option(help="Denoising steps (the paper: 50).")] = 50,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (> 1).")] = 7.5,
     per_group: Annotated[int, typer.Option(help="Testbed only: prompts per ground-truth group.")] = 32,
     batch_size: Annotated[int, typer.Option(help="Images per pipeline call.")] = 8,
+    scheduler: Annotated[
+        str, typer.Option(help="ddim (the paper's setting; one UNet call per step) or model (keep its own).")
+    ] = "ddim",
     device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
     out: Annotated[Path, typer.Option(help="Directory for the CSV, rows, ROC figure and detector.")] = Path(
         "bench_detect"
@@ -109,6 +114,12 @@ def bench_detect(
     if seeds < 1:
         raise MemattnError(f"--seeds must be >= 1, got {seeds}")
     pipe = load_pipeline(model, device=device)
+    if scheduler == "ddim":
+        from diffusers import DDIMScheduler
+
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    elif scheduler != "model":
+        raise MemattnError(f"--scheduler must be ddim or model, got {scheduler!r}")
     collected = collect(
         pipe, prompts, labels, seeds=seeds, steps=steps, guidance_scale=guidance, batch_size=batch_size
     )
