@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.memattn-installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean chromium
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,7 +22,12 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/python -m memattn.demo
 
-test: setup
+# Headless Chromium for the report's browser test (Debian package; needs root or sudo).
+chromium:
+	@test -x /usr/lib/chromium/chromium || command -v chromium >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+test: setup chromium
 	$(BIN)/ruff check memattn tests benchmarks
 	$(BIN)/python -m pytest -q -ra
 

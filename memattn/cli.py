@@ -211,13 +211,16 @@ def _layer_arg(layer: str | None) -> int | str | None:
     return int(layer) if layer is not None and layer.lstrip("-").isdigit() else layer
 
 
-def _add_bench() -> None:
-    from memattn.bench.app import register
+def _add_subcommands() -> None:
+    """Commands that live in their own modules: bench (detect, mitigate), report."""
+    from memattn.bench.app import register as register_bench
+    from memattn.report_command import register as register_report
 
-    app.add_typer(register(), name="bench")
+    app.add_typer(register_bench(), name="bench")
+    register_report(app)
 
 
-_add_bench()
+_add_subcommands()
 
 testbed_app = typer.Typer(no_args_is_help=True, help="The CPU-scale memorization testbed.")
 app.add_typer(testbed_app, name="testbed")
