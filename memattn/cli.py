@@ -212,12 +212,14 @@ def _layer_arg(layer: str | None) -> int | str | None:
 
 
 def _add_subcommands() -> None:
-    """Commands that live in their own modules: bench (detect, mitigate), report."""
+    """Commands that live in their own modules: scan, report, bench (detect, mitigate)."""
     from memattn.bench.app import register as register_bench
     from memattn.report_command import register as register_report
+    from memattn.scan_command import register as register_scan
 
-    app.add_typer(register_bench(), name="bench")
+    register_scan(app)
     register_report(app)
+    app.add_typer(register_bench(), name="bench")
 
 
 _add_subcommands()

@@ -1,0 +1,269 @@
+"""Scan a prompt file for memorization: one row per prompt, written incrementally, resumable after a crash.
+
+Why it looks like this (docs/scan.md has the user-facing version):
+
+- **Streaming.** Prompts are read line by line (``.txt``/``.jsonl``/``.csv``) or record batch by record
+  batch (``.parquet``) and scored batch by batch; only one batch and one output part are ever in memory,
+  so memory does not grow with the input.
+- **Bad input never stops the scan.** Every input line or record becomes exactly one output row; a line
+  that cannot be scored (empty, not UTF-8, not JSON, no prompt field, over-long ...) becomes a row with
+  ``status="skipped"`` and a ``reason``.
+- **Fixed batches.** Batch ``k`` is always input rows ``[k·B, (k+1)·B)`` (skipped lines keep their row
+  numbers and are just left out of the UNet call). The UNet's floats depend slightly on the batch it
+  runs in, so a resumed scan must re-form exactly the batches an uninterrupted scan forms: then its rows
+  are bit-identical (same device, dtype and thread count). Seeds are per row (``seed + row``).
+- **Crash-safe parts.** Output is a directory of Parquet part files, each holding complete batches and
+  naming the row ranges it covers in its footer. A part is written to a hidden temp name, fsynced and
+  renamed into place (``os.replace`` is atomic), so a part either exists complete or not at all; a
+  SIGKILL at any point leaves at most a temp file, which the next run deletes. Resuming reads only the
+  part footers (row ranges) and skips the batches they cover: 0 lost, 0 duplicated rows.
+- **Same settings or nothing.** A manifest (``_memattn_scan.json``) stores everything that changes a
+  row's values (input hash, model fingerprint, seed, batch size, steps, ...); resuming with different
+  settings is refused instead of mixing rows of two scans.
+
+``pyarrow.parquet.read_table(OUT)`` (or ``pyarrow.dataset.dataset(OUT)``) reads the result: files whose
+names start with ``_`` or ``.`` (manifest, lock, temp files) are ignored by pyarrow.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from memattn.errors import MemattnError
+from memattn.scan.inputs import Batch, InputRow, batches, check_input, count_rows, iter_prompts
+from memattn.scan.output import (
+    PartWriter,
+    ScanLock,
+    clean_temp,
+    finish_manifest,
+    prepare_manifest,
+    read_parts,
+    scan_identity,
+)
+from memattn.scan.schema import (
+    MANIFEST_FILE,
+    MAX_PROMPT_BYTES,
+    SCHEMA,
+    SCHEMA_VERSION,
+    SCORE_COLUMNS,
+    TEMP_PREFIX,
+    ScanSettings,
+)
+from memattn.scan.scoring import (
+    BatchScorer,
+    check_calibration,
+    load_calibration,
+    load_detector,
+    quiet_truncation_warnings,
+)
+
+# ---- the scan ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class ScanSummary:
+    out: Path
+    rows: int
+    ok: int
+    skipped: int
+    flagged: int
+    truncated: int
+    resumed_rows: int
+    scanned_rows: int
+    seconds: float
+    calibrated: bool
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def prompts_per_second(self) -> float:
+        return self.scanned_rows / self.seconds if self.seconds > 0 else 0.0
+
+
+def _skipped_row(item: InputRow, seed: int, model: str, version: str) -> dict[str, Any]:
+    return {
+        "row": item.row,
+        "prompt": item.prompt,
+        "prompt_sha256": item.sha256,
+        "seed": seed,
+        "status": "skipped",
+        "reason": item.reason,
+        **dict.fromkeys(SCORE_COLUMNS),
+        "flagged": None,
+        "threshold": None,
+        "trigger_tokens": None,
+        "n_tokens": None,
+        "truncated": None,
+        "model": model,
+        "memattn_version": version,
+    }
+
+
+def score_batch(
+    scorer: BatchScorer, batch: Batch, settings: ScanSettings, model: str, version: str
+) -> list[dict[str, Any]]:
+    """Output rows of one batch, in input order: its good prompts go through one pipeline call."""
+    rows: dict[int, dict[str, Any]] = {}
+    good: list[InputRow] = []
+    notes: dict[int, str] = {}
+    candidates = [item for item in batch.rows if item.reason is None]
+    counts = scorer.token_counts([item.prompt for item in candidates]) if candidates else []
+    for item, count in zip(candidates, counts, strict=True):
+        if count > scorer.max_length:
+            note = f"over {scorer.max_length} tokens ({count} with BOS/EOS)"
+            if settings.too_long == "skip":
+                item = InputRow(item.row, item.prompt, note, item.sha256)
+                rows[item.row] = _skipped_row(item, settings.seed + item.row, model, version)
+                continue
+            notes[item.row] = f"{note}: scored on the first {scorer.max_length}"
+        good.append(item)
+    for item in batch.rows:
+        if item.reason is not None:
+            rows[item.row] = _skipped_row(item, settings.seed + item.row, model, version)
+    if good:
+        seeds = [settings.seed + item.row for item in good]
+        scored = scorer.score([item.prompt for item in good], seeds)
+        for item, seed, values in zip(good, seeds, scored, strict=True):
+            rows[item.row] = {
+                "row": item.row,
+                "prompt": item.prompt,
+                "prompt_sha256": item.sha256,
+                "seed": seed,
+                "status": "ok",
+                "reason": notes.get(item.row),
+                **values,
+                "model": model,
+                "memattn_version": version,
+            }
+    return [rows[item.row] for item in batch.rows]
+
+
+def scan(
+    prompts: str | Path,
+    out: str | Path,
+    settings: ScanSettings,
+    *,
+    calibration: str | None = None,
+    rows_per_part: int = 2048,
+    seconds_per_part: float = 60.0,
+    progress: bool = True,
+    on_batch: Callable[[int], None] | None = None,
+    pipe: Any = None,
+) -> ScanSummary:
+    """Scan a prompt file into ``out`` (a directory of Parquet parts); resumes an interrupted scan.
+
+    ``pipe`` reuses an already loaded pipeline (it must be ``settings.model`` on ``settings.device``).
+    ``on_batch(rows_done)`` is called after each scored batch (benchmarks sample memory there).
+    """
+    from tqdm.auto import tqdm
+
+    from memattn import __version__
+
+    settings.check()
+    if rows_per_part < 1:
+        raise MemattnError(f"rows per part must be at least 1, got {rows_per_part}")
+    input_path = check_input(prompts)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise MemattnError(f"--out {out} is a file; the scan writes a directory of Parquet parts there")
+    calibrated = load_calibration(settings.model, calibration)
+    check_calibration(calibrated, settings)
+    detector = load_detector(settings.model)
+    extras = {
+        "calibration": calibrated.identity() if calibrated else None,
+        "detector_sha256": detector[1] if detector else None,
+    }
+    identity = scan_identity(settings, input_path, extras)
+    total = count_rows(input_path)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with ScanLock(out), quiet_truncation_warnings():
+        clean_temp(out)
+        prepare_manifest(out, identity, input_path)
+        covered, _ = read_parts(out)
+        resumed = covered.rows
+        writer = PartWriter(out, rows_per_part, seconds_per_part)
+        scorer: BatchScorer | None = None
+        done = resumed
+        bar = tqdm(
+            total=total,
+            initial=resumed,
+            unit=" prompts",
+            desc="scan",
+            disable=not progress,
+            dynamic_ncols=True,
+        )
+        try:
+            for batch in batches(iter_prompts(input_path), settings.batch_size):
+                if batch.start in covered:
+                    continue
+                if scorer is None:
+                    scorer = BatchScorer(
+                        pipe if pipe is not None else _load(settings),
+                        settings,
+                        calibrated,
+                        detector[0] if detector else None,
+                    )
+                rows = score_batch(scorer, batch, settings, settings.model, __version__)
+                writer.add(batch, rows)
+                done += len(rows)
+                bar.update(len(rows))
+                if on_batch is not None:
+                    on_batch(done)
+            writer.flush()
+        except BaseException:
+            with suppress(Exception):  # keep the complete batches already scored (Ctrl-C, an error)
+                writer.flush()
+            raise
+        finally:
+            bar.close()
+        _, counts = read_parts(out)
+        finish_manifest(out, counts)
+    return ScanSummary(
+        out=out,
+        rows=counts.get("rows", 0),
+        ok=counts.get("ok", 0),
+        skipped=counts.get("skipped", 0),
+        flagged=counts.get("flagged", 0),
+        truncated=counts.get("truncated", 0),
+        resumed_rows=resumed,
+        scanned_rows=done - resumed,
+        seconds=time.perf_counter() - started,
+        calibrated=calibrated is not None,
+        counts=counts,
+    )
+
+
+def _load(settings: ScanSettings) -> Any:
+    from memattn.loading import load_pipeline, parse_dtype
+
+    return load_pipeline(settings.model, dtype=parse_dtype(settings.dtype), device=settings.device)
+
+
+def read_results(out: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """All rows of a scan, sorted by input row."""
+    table = pq.read_table(Path(out), columns=columns)
+    return table.sort_by("row") if "row" in table.column_names else table
+
+
+__all__ = [
+    "MANIFEST_FILE",
+    "MAX_PROMPT_BYTES",
+    "SCHEMA",
+    "SCHEMA_VERSION",
+    "TEMP_PREFIX",
+    "ScanSettings",
+    "ScanSummary",
+    "count_rows",
+    "iter_prompts",
+    "load_calibration",
+    "read_results",
+    "scan",
+]

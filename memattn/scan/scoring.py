@@ -1,0 +1,200 @@
+"""Score one batch of prompts at step 1 (or over all steps): E, Wen, shares, triggers, flags."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from memattn.errors import MemattnError
+from memattn.scan.inputs import sha
+from memattn.scan.schema import ScanSettings
+
+# ---- scoring -----------------------------------------------------------------------------------------
+
+
+@contextmanager
+def quiet_truncation_warnings() -> Iterator[None]:
+    """diffusers warns about each truncated prompt with a wall of ``<|endoftext|>``, transformers about
+    each over-long tokenization; the scan records truncation in its rows instead."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    saved = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(saved[0])
+        transformers_logging.set_verbosity(saved[1])
+
+
+def _stop_after_first_step(pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
+    pipe._interrupt = True
+    return callback_kwargs
+
+
+@dataclass
+class Calibrated:
+    """The threshold a row is flagged at, and which score it applies to."""
+
+    threshold: float
+    score: str
+    layer: int | str | None
+    path: str
+    guidance_scale: float | None = None
+
+    def identity(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_calibration(model: str, calibration: str | None) -> Calibrated | None:
+    """``memattn_guard.json`` next to the model (or ``calibration``; ``"none"`` turns flagging off)."""
+    from memattn.guard import CALIBRATION_FILE, Calibration
+    from memattn.loading import resolve_model
+
+    if calibration is not None and calibration.lower() == "none":
+        return None
+    if calibration is not None:
+        path = Path(calibration)
+        if not path.is_file():
+            raise MemattnError(f"calibration file {path} does not exist")
+    else:
+        source = Path(resolve_model(model)).expanduser()
+        path = source / CALIBRATION_FILE
+        if not path.is_file():
+            return None
+    loaded = Calibration.load(path)
+    if loaded.score not in ("e", "wen"):
+        raise MemattnError(f"{path}: unknown calibration score {loaded.score!r} (expected e or wen)")
+    return Calibrated(
+        float(loaded.threshold),
+        loaded.score,
+        _layer(loaded.layer),
+        str(path.resolve()),
+        loaded.guidance_scale,
+    )
+
+
+def check_calibration(calibrated: Calibrated | None, settings: ScanSettings) -> None:
+    """A threshold measured at another guidance scale would flag at random: refuse instead."""
+    if calibrated is None or calibrated.guidance_scale is None:
+        return
+    if float(calibrated.guidance_scale) != float(settings.guidance_scale):
+        raise MemattnError(
+            f"the calibration {calibrated.path} was measured at guidance {calibrated.guidance_scale:g}, this "
+            f"scan runs at {settings.guidance_scale:g}: pass --guidance {calibrated.guidance_scale:g} (the "
+            "default when a calibration exists), or --calibration none to scan without flags"
+        )
+
+
+def _layer(layer: int | str | None) -> int | str | None:
+    return int(layer) if isinstance(layer, str) and layer.lstrip("-").isdigit() else layer
+
+
+def load_detector(model: str) -> tuple[Any, str] | None:
+    """The combined step-1 detector next to the model (``memattn_detector.json``), if any."""
+    from memattn.combined import DETECTOR_FILE, CombinedDetector
+    from memattn.loading import resolve_model
+
+    path = Path(resolve_model(model)).expanduser() / DETECTOR_FILE
+    if not path.is_file():
+        return None
+    return CombinedDetector.load(path), sha(path.read_bytes())
+
+
+class BatchScorer:
+    """Scores the prompts of one batch: one traced pipeline call (step 1 only, or all steps)."""
+
+    def __init__(
+        self, pipe: Any, settings: ScanSettings, calibration: Calibrated | None, detector: Any | None
+    ) -> None:
+        self.pipe = pipe
+        self.settings = settings
+        self.calibration = calibration
+        self.detector = detector
+        self.layer = settings.layer
+        if self.layer is None and calibration is not None and calibration.score == "e":
+            self.layer = calibration.layer  # as the guard: E is read where it was calibrated
+        self.max_length = int(pipe.tokenizer.model_max_length)
+
+    def token_counts(self, prompts: list[str]) -> list[int]:
+        """Tokens per prompt with BOS and EOS, untruncated (what decides ``truncated``/``too_long``)."""
+        ids = self.pipe.tokenizer(prompts, padding=False, truncation=False, verbose=False)["input_ids"]
+        return [len(i) for i in ids]
+
+    def score(self, prompts: list[str], seeds: list[int]) -> list[dict[str, Any]]:
+        import torch
+
+        from memattn import scores
+        from memattn.detectors import NoiseDifference, step1_features
+        from memattn.probe import trace
+
+        s = self.settings
+        cfg = s.guidance_scale > 1
+        generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
+        kwargs: dict[str, Any] = {} if s.full else {"callback_on_step_end": _stop_after_first_step}
+        noise = NoiseDifference(self.pipe, max_calls=1) if cfg else None  # Wen's score needs CFG
+        with torch.no_grad(), trace(self.pipe) as tr, noise or nullcontext():
+            self.pipe(
+                list(prompts),
+                num_inference_steps=s.steps,
+                guidance_scale=s.guidance_scale,
+                generator=generators,
+                output_type="latent",
+                **kwargs,
+            )
+        record = tr.record
+        wen = noise.wen(1) if noise is not None else None
+        features, names = step1_features(record, wen)
+        n_layers = record.n_layers
+        e = scores.score_e(record, self.layer).tolist()
+        d = scores.score_d(record).tolist() if s.full else [None] * len(prompts)
+        combined = self._combined(features, names)
+        flag_scores = self._flag_scores(record, e, wen)
+        triggers = scores.trigger_tokens(record, k=s.top_k) if s.top_k else [[] for _ in prompts]
+        rows = []
+        for i, layout in enumerate(record.require_layouts()):
+            rows.append(
+                {
+                    "score_e": e[i],
+                    "wen_step1": float(wen[i]) if wen is not None else None,
+                    "bos_share": float(features[i, n_layers]),
+                    "summary_share": float(features[i, n_layers + 1]),
+                    "e_layers": [float(x) for x in features[i, :n_layers]],
+                    "score_d": d[i],
+                    "score_combined": None if combined is None else float(combined[i]),
+                    "flagged": None
+                    if flag_scores is None
+                    else bool(flag_scores[i] > self.calibration.threshold),
+                    "threshold": None if self.calibration is None else self.calibration.threshold,
+                    "trigger_tokens": [
+                        {"token": t.token, "position": t.position, "share": float(t.share)}
+                        for t in triggers[i]
+                    ],
+                    "n_tokens": layout.n_tokens,
+                    "truncated": layout.truncated,
+                }
+            )
+        return rows
+
+    def _flag_scores(self, record: Any, e: list[float], wen: Any) -> list[float] | None:
+        from memattn import scores
+
+        if self.calibration is None:
+            return None
+        if self.calibration.score == "wen":
+            if wen is None:
+                raise MemattnError("the calibration thresholds Wen's score, which needs --guidance above 1")
+            return [float(x) for x in wen]
+        if self.calibration.layer == self.layer:
+            return e
+        return scores.score_e(record, self.calibration.layer).tolist()
+
+    def _combined(self, features: Any, names: list[str]) -> Any:
+        if self.detector is None:
+            return None
+        return self.detector.score(features, names)

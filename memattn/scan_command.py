@@ -1,0 +1,121 @@
+"""``memattn scan``: the typer command over :func:`memattn.scan.scan` (registered by ``memattn.cli``).
+
+Kept apart from ``memattn/cli.py`` so the command can be registered on any typer app (tests build their
+own). Heavy imports (torch, diffusers) happen inside the command, so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+DEFAULT_GUIDANCE = 7.5
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``scan`` command to ``app`` (the main CLI calls this once)."""
+    app.command("scan")(scan)
+
+
+def scan(
+    prompts: Annotated[
+        Path,
+        typer.Argument(help="Prompt file: .txt (one per line), .jsonl/.csv/.parquet (prompt or caption)."),
+    ],
+    model: Annotated[str, typer.Option("--model", "-m", help="Pipeline directory or hub id ('testbed').")],
+    out: Annotated[
+        Path,
+        typer.Option(help="Output: a directory of Parquet parts (read it with pyarrow.parquet.read_table)."),
+    ],
+    batch_size: Annotated[
+        int, typer.Option(help="Prompts per UNet call; fixes the batches (resume needs it).")
+    ] = 8,
+    full: Annotated[
+        bool, typer.Option("--full", help="Run all steps: adds score D (slower by about --steps times).")
+    ] = False,
+    steps: Annotated[int, typer.Option(help="Denoising steps of the schedule (the paper: 50).")] = 50,
+    guidance: Annotated[
+        float | None,
+        typer.Option(help="Classifier-free guidance scale (default: the calibration's, else 7.5)."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Base seed; input row i uses seed + i.")] = 0,
+    layer: Annotated[str | None, typer.Option(help="Layer for score E (default: the paper's).")] = None,
+    too_long: Annotated[
+        str,
+        typer.Option(
+            help="Prompts over 77 tokens: truncate (score the first 77, as generation does) or skip."
+        ),
+    ] = "truncate",
+    top_k: Annotated[int, typer.Option(help="Trigger tokens kept per prompt.")] = 3,
+    calibration: Annotated[
+        str | None,
+        typer.Option(
+            help="Guard calibration JSON for `flagged` (default: memattn_guard.json next to the "
+            "model); 'none' turns flagging off."
+        ),
+    ] = None,
+    part_rows: Annotated[
+        int, typer.Option(help="Rows per Parquet part (a crash loses at most one part).")
+    ] = 2048,
+    part_seconds: Annotated[float, typer.Option(help="Write a part at least this often.")] = 60.0,
+    device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16.")] = "float32",
+    progress: Annotated[bool, typer.Option(help="Show a progress bar (prompts/s, ETA) on stderr.")] = True,
+) -> None:
+    """Score every prompt of a file (step-1 detection; --full for all steps) into Parquet, resumably.
+
+    Rerun the same command after a crash: it continues where it stopped. docs/scan.md has the schema.
+    """
+    from rich.console import Console
+
+    from memattn.scan import ScanSettings, load_calibration
+    from memattn.scan import scan as run_scan
+
+    _quiet_loading()
+    if guidance is None:
+        calibrated = load_calibration(model, calibration)
+        guidance = (calibrated.guidance_scale if calibrated else None) or DEFAULT_GUIDANCE
+    settings = ScanSettings(
+        model=model,
+        seed=seed,
+        batch_size=batch_size,
+        full=full,
+        steps=steps,
+        guidance_scale=float(guidance),
+        layer=int(layer) if layer is not None and layer.lstrip("-").isdigit() else layer,
+        device=device,
+        dtype=dtype,
+        too_long=too_long,
+        top_k=top_k,
+    )
+    summary = run_scan(
+        prompts,
+        out,
+        settings,
+        calibration=calibration,
+        rows_per_part=part_rows,
+        seconds_per_part=part_seconds,
+        progress=progress,
+    )
+    flagged = f", flagged {summary.flagged}" if summary.calibrated else " (no calibration: flagged is null)"
+    resumed = f"; resumed after {summary.resumed_rows} rows" if summary.resumed_rows else ""
+    Console(stderr=True).print(
+        f"{summary.rows} rows in {summary.out}: ok {summary.ok}, skipped {summary.skipped}, truncated "
+        f"{summary.truncated}{flagged}{resumed}; {summary.scanned_rows} scanned in {summary.seconds:.1f} s "
+        f"({summary.prompts_per_second:.1f} prompts/s)",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def _quiet_loading() -> None:
+    """Loading bars and warnings of diffusers/transformers would bury the scan's progress bar."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
