@@ -29,8 +29,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
-import platform
 import shlex
 import statistics
 import sys
@@ -40,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from probe_overhead import machine as probe_machine  # noqa: E402  (benchmarks/ is the script's path)
 
 import memattn
 from memattn.probe import cross_attention_layers
@@ -88,15 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def machine(device: torch.device) -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cuda_available": torch.cuda.is_available(),
-    }
+    info: dict[str, Any] = {**probe_machine(), "cuda_available": torch.cuda.is_available()}
     if device.type == "cuda":
         info["device_name"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda

@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 from memattn.errors import MemattnError
 from memattn.report import MANIFEST_FILE, highlight_segments, tokenization, write_scan_report
 from memattn.report_command import register
+from memattn.scan.schema import SCHEMA as SCAN_SCHEMA
 
 ARTIFACTS = Path(
     os.environ.get("MEMATTN_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "artifacts" / "test")
@@ -32,31 +33,7 @@ SCRIPT = "<script>alert(1)</script>"
 IMG = '"><img src=x onerror=alert(2)>'
 DOLLAR = "a $5 poster of a large red circle $x^2$ at the top"  # mathtext in a matplotlib label would break
 
-TRIGGER = pa.struct([("token", pa.string()), ("position", pa.int32()), ("share", pa.float64())])
-SCHEMA = pa.schema(
-    [
-        pa.field("row", pa.int64(), nullable=False),
-        pa.field("prompt", pa.string()),
-        pa.field("prompt_sha256", pa.string()),
-        pa.field("seed", pa.int64(), nullable=False),
-        pa.field("status", pa.string(), nullable=False),
-        pa.field("reason", pa.string()),
-        pa.field("score_e", pa.float64()),
-        pa.field("wen_step1", pa.float64()),
-        pa.field("bos_share", pa.float64()),
-        pa.field("summary_share", pa.float64()),
-        pa.field("e_layers", pa.list_(pa.float64())),
-        pa.field("score_d", pa.float64()),
-        pa.field("flagged", pa.bool_()),
-        pa.field("threshold", pa.float64()),
-        pa.field("trigger_tokens", pa.list_(TRIGGER)),
-        pa.field("n_tokens", pa.int32()),
-        pa.field("truncated", pa.bool_()),
-        pa.field("model", pa.string(), nullable=False),
-        pa.field("memattn_version", pa.string(), nullable=False),
-        pa.field("label", pa.int8()),
-    ]
-)
+SCHEMA = SCAN_SCHEMA.append(pa.field("label", pa.int8()))  # a scan of a labelled prompt file
 MEMORIZED = [
     SCRIPT,
     IMG,

@@ -75,17 +75,21 @@ def _decode(content: bytes, first: bool) -> tuple[str | None, str | None]:
     return (text.removeprefix("\ufeff") if first else text), None
 
 
-def _iter_txt(path: Path) -> Iterator[InputRow]:
+def _decoded_lines(path: Path) -> Iterator[tuple[int, str | InputRow, bytes, str]]:
+    """``(row, text or the skipped row, raw bytes, digest)`` per line of a text file."""
     with path.open("rb") as handle:
         for row, (content, digest, size) in enumerate(_lines(handle)):
             if content is None:
-                yield InputRow(row, None, f"line longer than {MAX_PROMPT_BYTES} bytes ({size})", digest)
+                reason = f"line longer than {MAX_PROMPT_BYTES} bytes ({size})"
+                yield row, InputRow(row, None, reason, digest), b"", digest
                 continue
             text, problem = _decode(content, row == 0)
-            if text is None:
-                yield InputRow(row, None, problem, digest)
-            else:
-                yield _check_text(row, text, content)
+            yield row, (InputRow(row, None, problem, digest) if text is None else text), content, digest
+
+
+def _iter_txt(path: Path) -> Iterator[InputRow]:
+    for row, text, content, _ in _decoded_lines(path):
+        yield text if isinstance(text, InputRow) else _check_text(row, text, content)
 
 
 def _pick_field(record: dict[str, Any]) -> str | None:
@@ -93,34 +97,29 @@ def _pick_field(record: dict[str, Any]) -> str | None:
 
 
 def _iter_jsonl(path: Path) -> Iterator[InputRow]:
-    with path.open("rb") as handle:
-        for row, (content, digest, size) in enumerate(_lines(handle)):
-            if content is None:
-                yield InputRow(row, None, f"line longer than {MAX_PROMPT_BYTES} bytes ({size})", digest)
-                continue
-            text, problem = _decode(content, row == 0)
-            if text is None:
-                yield InputRow(row, None, problem, digest)
-                continue
-            if not text.strip():
-                yield InputRow(row, None, "empty line", digest)
-                continue
-            try:
-                record = json.loads(text)
-            except ValueError as error:
-                yield InputRow(row, None, f"not valid JSON ({getattr(error, 'msg', error)})", digest)
-                continue
-            if not isinstance(record, dict):
-                yield InputRow(row, None, f"a JSON {type(record).__name__}, not an object", digest)
-                continue
-            name = _pick_field(record)
-            if name is None:
-                yield InputRow(row, None, "no 'prompt' or 'caption' field", digest)
-            elif not isinstance(record[name], str):
-                kind = "null" if record[name] is None else type(record[name]).__name__
-                yield InputRow(row, None, f"'{name}' is {kind}, not text", digest)
-            else:
-                yield _check_text(row, record[name])
+    for row, text, _, digest in _decoded_lines(path):
+        if isinstance(text, InputRow):
+            yield text
+        elif not text.strip():
+            yield InputRow(row, None, "empty line", digest)
+        else:
+            yield _json_row(row, text, digest)
+
+
+def _json_row(row: int, text: str, digest: str) -> InputRow:
+    try:
+        record = json.loads(text)
+    except ValueError as error:
+        return InputRow(row, None, f"not valid JSON ({getattr(error, 'msg', error)})", digest)
+    if not isinstance(record, dict):
+        return InputRow(row, None, f"a JSON {type(record).__name__}, not an object", digest)
+    name = _pick_field(record)
+    if name is None:
+        return InputRow(row, None, "no 'prompt' or 'caption' field", digest)
+    if not isinstance(record[name], str):
+        kind = "null" if record[name] is None else type(record[name]).__name__
+        return InputRow(row, None, f"'{name}' is {kind}, not text", digest)
+    return _check_text(row, record[name])
 
 
 def _csv_lines(handle: IO[bytes]) -> Iterator[str]:
