@@ -212,13 +212,15 @@ def _layer_arg(layer: str | None) -> int | str | None:
 
 
 def _add_subcommands() -> None:
-    """Commands that live in their own modules: scan, report, bench (detect, mitigate)."""
+    """Commands that live in their own modules: scan, report, finetune, bench (detect, mitigate)."""
     from memattn.bench.app import register as register_bench
+    from memattn.finetune_command import register as register_finetune
     from memattn.report_command import register as register_report
     from memattn.scan_command import register as register_scan
 
     register_scan(app)
     register_report(app)
+    register_finetune(app)
     app.add_typer(register_bench(), name="bench")
 
 

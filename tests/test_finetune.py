@@ -1,0 +1,342 @@
+"""`memattn finetune`: the testbed recipe bit for bit, mitigations in the loop, resume after SIGKILL,
+atomic checkpoints and clear errors for missing or corrupt ones, image-folder data, the typer command."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import typer
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from memattn.errors import MemattnError
+from memattn.finetune import (
+    CHECKPOINTS,
+    FinetuneConfig,
+    Finetuner,
+    MitigationConfig,
+    finetune,
+    from_testbed_recipe,
+    latest_checkpoint,
+    read_log,
+    untrained_testbed,
+)
+from memattn.finetune_command import cli_args, register
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_testbed_train import TINY  # noqa: E402  (the testbed tests' tiny recipe)
+
+UNET = Path("pipeline") / "unet" / "diffusion_pytorch_model.safetensors"
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / UNET)
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    wa, wb = weights(a), weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return untrained_testbed(TINY, tmp_path_factory.mktemp("base"))
+
+
+@pytest.fixture(scope="module")
+def plain(base, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("plain")
+    finetune(from_testbed_recipe(TINY, base, out), command="test")
+    return out
+
+
+def config(base: Path, out: Path, **kwargs) -> FinetuneConfig:
+    mitigation = kwargs.pop("mitigation", None)
+    return from_testbed_recipe(TINY, base, out, mitigation, **kwargs)
+
+
+def test_none_reproduces_the_testbed_trainer_bit_for_bit(plain, tmp_path):
+    from memattn.testbed.train import train
+
+    train(TINY, tmp_path, progress=False)
+    assert same_weights(plain, tmp_path)
+
+
+def test_run_exports_a_loadable_testbed_pipeline_and_logs_every_step(plain):
+    from memattn.loading import load_pipeline
+    from memattn.testbed.evaluate import dataset_for
+
+    pipe = load_pipeline(str(plain / "pipeline"))
+    image = pipe("a red circle", num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, 16, 16, 3)
+    assert len(dataset_for(plain / "pipeline").items) > 0  # the manifest travelled with the model
+    assert (plain / "pipeline" / "memattn_attribute_classifier.safetensors").is_file()
+    run = json.loads((plain / "pipeline" / "memattn_finetune.json").read_text())
+    assert run["steps"] == 6 and run["command"] == "test"
+    log = read_log(plain)
+    assert [e["step"] for e in log] == [1, 2, 3, 4, 5, 6]
+    assert all(e["n"] == 8 and e["kept"] == 8 and e["dropped"] == 0 and len(e["ids"]) == 8 for e in log)
+    assert sorted(p.name for p in (plain / CHECKPOINTS).iterdir()) == [
+        "step-0000002",
+        "step-0000004",
+        "step-0000006",
+    ]
+
+
+def test_monitoring_changes_no_weight(base, plain, tmp_path):
+    """The probe's output path and the extra no-grad pass leave training bit-identical."""
+    finetune(config(base, tmp_path, mitigation=MitigationConfig(monitor=True)))
+    assert same_weights(plain, tmp_path)
+    entry = read_log(tmp_path)[0]
+    assert len(entry["entropy"]) == len(entry["noise_norm"]) == 8
+    assert len(entry["layer_entropy"]) == 8 and len(entry["layer_entropy"][0]) == 7
+    assert all(0 < h <= np.log(77) + 1e-4 for h in entry["entropy"])
+    for position in entry["no_caption"]:  # the empty prompt: conditional = unconditional
+        assert entry["noise_norm"][position] == 0.0
+
+
+@pytest.mark.parametrize(("kind", "per_step"), [("entropy", 1), ("noise-norm", 2), ("caption-aug", 1)])
+def test_unet_forwards_per_micro_batch(base, tmp_path, kind, per_step):
+    cfg = config(base, tmp_path, gradient_accumulation_steps=2, mitigation=MitigationConfig(kind=kind))
+    with Finetuner(cfg) as tuner:
+        calls = [0]
+        tuner.model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        entry = tuner.train_step()
+    assert calls[0] == 2 * per_step
+    assert entry["step"] == 1 and entry["n"] == 16
+
+
+def test_entropy_rule_drops_and_logs_which_samples(base, tmp_path):
+    mitigation = MitigationConfig(kind="entropy", rule="zscore", z=0.5, min_samples=4, drop="low")
+    finetune(config(base, tmp_path, mitigation=mitigation))
+    log = read_log(tmp_path)
+    assert sum(e["dropped"] for e in log) > 0
+    for e in log:
+        assert e["kept"] + e["dropped"] == e["n"] == len(e["ids"]) == len(e["entropy"])
+        assert (
+            e["dropped_ids"] == [e["ids"][i] for i in e["dropped_at"]]
+            and len(e["dropped_at"]) == e["dropped"]
+        )
+        assert not set(e["dropped_at"]) & set(e["no_caption"])  # the empty prompt is never judged
+
+
+def test_noise_norm_fixed_threshold_drops_at_or_above_tau(base, tmp_path):
+    finetune(config(base, tmp_path, mitigation=MitigationConfig(kind="noise-norm", threshold=0.9)))
+    for e in read_log(tmp_path):
+        dropped = [e["ids"][i] for i, norm in enumerate(e["noise_norm"]) if norm >= 0.9]
+        assert e["dropped_ids"] == dropped
+
+
+def test_caption_augmentation_changes_training(base, plain, tmp_path):
+    mitigation = MitigationConfig(kind="caption-aug", caption_aug_prob=0.5)
+    finetune(config(base, tmp_path, mitigation=mitigation))
+    assert sum(len(e["augmented"]) for e in read_log(tmp_path)) > 0
+    assert not same_weights(plain, tmp_path)
+
+
+def test_resume_with_a_running_window_matches_an_uninterrupted_run(base, tmp_path):
+    mitigation = MitigationConfig(kind="entropy", z=0.5, window=20, timestep_bins=2, min_samples=4)
+    finetune(config(base, tmp_path / "straight", mitigation=mitigation))
+    finetune(config(base, tmp_path / "split", mitigation=mitigation, max_train_steps=4))
+    state = json.loads((latest_checkpoint(tmp_path / "split") / "state.json").read_text())
+    assert sum(len(h) for h in state["filter"]["history"]) > 0
+    finetune(config(base, tmp_path / "split", mitigation=mitigation, resume_from_checkpoint="latest"))
+    assert same_weights(tmp_path / "straight", tmp_path / "split")
+    straight, split = read_log(tmp_path / "straight"), read_log(tmp_path / "split")
+    assert [e["dropped_ids"] for e in straight] == [e["dropped_ids"] for e in split]
+    assert sum(e["dropped"] for e in straight) > 0
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_latest_is_bit_exact(base, tmp_path):
+    long = config(base, tmp_path / "killed", max_train_steps=30, checkpointing_steps=2)
+    command = [sys.executable, "-m", "memattn.finetune_command", "finetune", *cli_args(long), "--no-progress"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while (
+        time.time() < deadline and latest_checkpoint(tmp_path / "killed") is None and process.poll() is None
+    ):
+        time.sleep(0.1)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = latest_checkpoint(tmp_path / "killed")
+    assert killed_at is not None and killed_at.name != "step-0000030", process.stderr.read().decode()[-2000:]
+    assert not (tmp_path / "killed" / "pipeline").exists()
+    resumed = subprocess.run(
+        [*command, "--resume-from-checkpoint", "latest"], capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    finetune(replace(long, output_dir=str(tmp_path / "straight")))
+    assert same_weights(tmp_path / "killed", tmp_path / "straight")
+    assert [e["step"] for e in read_log(tmp_path / "killed")] == list(range(1, 31))
+
+
+def test_missing_corrupt_and_foreign_checkpoints_are_clear_errors(base, tmp_path):
+    run = tmp_path / "run"
+    finetune(config(base, run, max_train_steps=2))
+    checkpoint = latest_checkpoint(run)
+    with pytest.raises(MemattnError, match="already holds checkpoints"):
+        finetune(config(base, run, max_train_steps=4))
+    with pytest.raises(MemattnError, match="does not exist"):
+        finetune(config(base, run, max_train_steps=4, resume_from_checkpoint=str(tmp_path / "nowhere")))
+    with pytest.raises(MemattnError, match="different recipe.*learning_rate"):
+        finetune(config(base, run, max_train_steps=4, learning_rate=0.5, resume_from_checkpoint="latest"))
+    unet = checkpoint / "unet.safetensors"
+    data = unet.read_bytes()
+    unet.write_bytes(data[: len(data) // 2])
+    with pytest.raises(MemattnError, match="corrupt or incomplete.*unet.safetensors has"):
+        finetune(config(base, run, max_train_steps=4, resume_from_checkpoint="latest"))
+    unet.write_bytes(b"\x00" * len(data))  # right size, garbage inside
+    with pytest.raises(MemattnError, match="corrupt or incomplete"):
+        finetune(config(base, run, max_train_steps=4, resume_from_checkpoint="latest"))
+    (checkpoint / "state.json").unlink()
+    with pytest.raises(MemattnError, match="state.json is missing"):
+        finetune(config(base, run, max_train_steps=4, resume_from_checkpoint=str(checkpoint)))
+
+
+def test_a_crash_while_checkpointing_never_leaves_a_latest(base, tmp_path, monkeypatch):
+    import memattn.finetune as module
+
+    run = tmp_path / "run"
+    finetune(config(base, run, max_train_steps=2))
+    good = latest_checkpoint(run)
+    calls = [0]
+    real_save = module.save_file
+
+    def crash_on_second_file(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise KeyboardInterrupt("simulated crash mid-checkpoint")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(module, "save_file", crash_on_second_file)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(config(base, run, max_train_steps=4, resume_from_checkpoint="latest"))
+    assert (run / CHECKPOINTS / ".partial-0000004").is_dir()  # what the crash left
+    (run / CHECKPOINTS / "step-0000009").mkdir()  # a complete-looking name without state.json
+    assert latest_checkpoint(run) == good
+    monkeypatch.setattr(module, "save_file", real_save)
+    finetune(config(base, run, max_train_steps=4, resume_from_checkpoint="latest"))
+    assert latest_checkpoint(run).name == "step-0000004"
+    assert not (run / CHECKPOINTS / ".partial-0000004").exists()
+
+
+def test_image_folder_data_through_the_typer_command(base, tmp_path):
+    """Images + captions.jsonl, diffusers' defaults (clipping), cosine LR with warm-up, EMA, flips,
+    a checkpoint limit, and a resume across the LR schedule that matches a straight run."""
+    from PIL import Image
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": f"a red circle {i}"}))
+    (folder / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    app = typer.Typer()
+
+    @app.callback()
+    def _root() -> None:
+        """test app"""
+
+    register(app)
+
+    def run(out: Path, steps: int, *extra: str, limit: str = "1"):
+        args = ["finetune", "--output-dir", str(out), "--model", str(base), "--data", str(folder)]
+        args += ["--max-train-steps", str(steps), "--train-batch-size", "3", "--mitigation", "entropy"]
+        args += ["--use-ema", "--random-flip", "--lr-scheduler", "cosine", "--lr-warmup-steps", "1"]
+        args += ["--checkpointing-steps", "1", "--checkpoints-total-limit", limit, "--no-progress", *extra]
+        return CliRunner().invoke(app, args)
+
+    result = run(tmp_path / "straight", 3)
+    assert result.exit_code == 0, result.output
+    log = read_log(tmp_path / "straight")
+    assert [e["step"] for e in log] == [1, 2, 3] and all(i.endswith(".png") for i in log[0]["ids"])
+    assert log[0]["lr"] != log[2]["lr"]  # the cosine schedule moved
+    assert [p.name for p in (tmp_path / "straight" / CHECKPOINTS).iterdir()] == ["step-0000003"]
+    # A crash after step 2's checkpoint: the resumed run continues the LR schedule where it was.
+    split = tmp_path / "split"
+    assert run(split, 3, limit="2").exit_code == 0
+    shutil.rmtree(split / CHECKPOINTS / "step-0000003")
+    shutil.rmtree(split / "pipeline")
+    assert run(split, 3, "--resume-from-checkpoint", "latest", limit="2").exit_code == 0
+    assert same_weights(tmp_path / "straight", split)
+    assert [e["lr"] for e in read_log(split)] == [e["lr"] for e in log]
+    longer = run(split, 5, "--resume-from-checkpoint", "latest", limit="2")  # cosine is shaped by the length
+    assert isinstance(longer.exception, MemattnError) and "max_train_steps" in str(longer.exception)
+    (folder / "captions.jsonl").write_text('{"file_name": "missing.png", "text": "x"}\n')
+    bad = run(tmp_path / "bad", 1)
+    assert isinstance(bad.exception, MemattnError) and "does not exist" in str(bad.exception)
+    assert "finetune" in CliRunner().invoke(app, ["--help"]).output
+
+
+@pytest.mark.parametrize(
+    "mitigation",
+    [
+        MitigationConfig(kind="entropy", z=1.5, window=64, timestep_bins=4, layers=(0, 6)),
+        MitigationConfig(kind="noise-norm"),
+        MitigationConfig(kind="caption-aug", caption_aug_prob=0.3),
+        MitigationConfig(monitor=True),
+    ],
+)
+def test_cli_args_round_trip_the_config(base, tmp_path, monkeypatch, mitigation):
+    import memattn.finetune as module
+
+    cfg = config(base, tmp_path, mitigation=mitigation, gradient_accumulation_steps=2)
+    captured = {}
+    monkeypatch.setattr(module, "finetune", lambda c: captured.setdefault("config", c) and tmp_path)
+    app = typer.Typer()
+
+    @app.callback()
+    def _root() -> None:
+        """test app"""
+
+    register(app)
+    result = CliRunner().invoke(app, ["finetune", *cli_args(cfg), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert captured["config"].recipe() == cfg.recipe()
+    with pytest.raises(MemattnError, match="unknown mitigation"):
+        MitigationConfig(kind="dropout")
+
+
+def test_bf16_mixed_precision_runs_on_cpu(base, tmp_path):
+    finetune(config(base, tmp_path, max_train_steps=1, mixed_precision="bf16"))
+    assert np.isfinite(read_log(tmp_path)[0]["loss"])
+
+
+@pytest.mark.slow
+def test_benchmark_quick_run(tmp_path):
+    """benchmarks/train_mitigation.py --quick: every rule trains, is evaluated and timed side by side."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "bench"
+    result = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "train_mitigation.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "results.json").read_text())
+    assert report["monitor_weights_identical_to_none"] is True
+    assert set(report["results"]) >= {"none", "entropy-z-running-high", "noise-norm-wen-tau2", "caption-aug"}
+    for name, row in report["results"].items():
+        assert row["steps"] == 8 and row["generations"] > 0, name
+        assert 0.0 <= row["drop_rate"] <= 1.0 and np.isfinite(row["final_loss"])
+        assert name in report["timing_side_by_side"] and name in report["verdicts"]
+        assert row["command"].startswith("memattn finetune --output-dir")
+    assert report["results"]["none"]["drop_rate"] == 0.0
+    assert report["results"]["caption-aug"]["augmented_rate"] > 0.0
+    assert "entropy" in report["monitor_signal_analysis"]
+    assert "rule" in result.stdout and "monitor weights identical to none: True" in result.stdout
