@@ -4,6 +4,13 @@ Throughput (default): prompts/s of the step-1 scan (one CFG UNet call per batch)
 (all ``--steps`` steps, adds score D) at batch sizes 1/8/32, and their ratio. The model is loaded once
 and excluded; input hashing, reading, tokenizing, scoring and writing Parquet parts are included.
 
+Local vs Ray (``--engine ray``): for each batch size, the same scan with the local engine (this process,
+``--local-threads`` torch threads) and with the Ray engine (``--actors`` actors × ``--cpus-per-actor``
+CPUs and torch threads each, on a local cluster started here), side by side. "steady" counts from the
+first scored batch to the last for the local engine, and rows over the busiest actor's scoring time for
+Ray (actor start and model load excluded in both), "e2e" is the whole ``scan()`` call (for Ray: starting
+the actor pool and loading the model in each actor, every scan).
+
 Large scan (``--rows N``): writes N synthetic testbed-style prompts (with a few bad lines: empty, invalid
 UTF-8, over 77 tokens) to a temp .txt, scans them and reports wall time, prompts/s, peak RSS
 (``ru_maxrss``) and RSS sampled during the scan (every ``--sample-every`` rows), which stays flat when
@@ -12,6 +19,8 @@ memory is bounded.
 Usage:
   OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 .venv/bin/python benchmarks/scan_throughput.py [--prompts 64]
       [--full-prompts 16] [--batch-sizes 1,8,32] [--steps 50] [--guidance 2] [--engine local] [--json F]
+  OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 .venv/bin/python benchmarks/scan_throughput.py --engine ray
+      [--prompts 256] [--full-prompts 0] [--actors 2] [--cpus-per-actor 1] [--local-threads 2]
   OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 .venv/bin/python benchmarks/scan_throughput.py --rows 100000
       [--batch-size 32] [--keep DIR]
 """
@@ -20,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import resource
@@ -92,17 +102,127 @@ def peak_rss_mib() -> float:
 
 
 def run_engine(
-    engine: str, prompts: Path, out: Path, settings: ScanSettings, pipe: Any, **kwargs: Any
+    engine: str,
+    prompts: Path,
+    out: Path,
+    settings: ScanSettings,
+    pipe: Any,
+    actors: int = 2,
+    cpus_per_actor: int = 1,
+    **kwargs: Any,
 ) -> ScanSummary:
-    """One scan with the chosen engine. The Ray engine (a later step) plugs in here."""
+    """One scan with the chosen engine (Ray: on the cluster ``start_ray`` started; actors load the model)."""
     if engine == "local":
         return scan(prompts, out, settings, pipe=pipe, progress=False, **kwargs)
-    raise SystemExit(
-        f"engine {engine!r} is not available yet: add it in run_engine() (benchmarks/scan_throughput.py)"
+    if engine == "ray":
+        return scan(
+            prompts,
+            out,
+            settings,
+            engine="ray",
+            actors=actors,
+            cpus_per_actor=cpus_per_actor,
+            progress=False,
+            **kwargs,
+        )
+    raise SystemExit(f"unknown engine {engine!r}")
+
+
+def start_ray(args: argparse.Namespace) -> None:
+    """A local cluster with exactly the CPUs the actors reserve (started once, reused by every scan)."""
+    import ray
+
+    ray.init(
+        address="local",
+        num_cpus=args.actors * args.cpus_per_actor,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="WARNING",
     )
 
 
+def timed(engine: str, prompts: Path, out: Path, settings: ScanSettings, pipe: Any, args: Any) -> dict:
+    """prompts/s of one scan, end to end (the whole call) and steady: local, from the first scored batch
+    to the last; Ray, rows over the busiest actor's scoring time (its calls to ScanActor)."""
+    marks: list[tuple[int, float]] = []
+    summary = run_engine(
+        engine,
+        prompts,
+        out,
+        settings,
+        pipe,
+        actors=args.actors,
+        cpus_per_actor=args.cpus_per_actor,
+        on_batch=lambda done: marks.append((done, time.perf_counter())),
+    )
+    busy = summary.engine_info.get("seconds_per_actor")
+    if busy:  # Ray: the actors work in parallel; rows arrive a block at a time, so time the actors
+        steady = summary.scanned_rows / max(busy.values())
+    else:  # local: batches arrive one by one
+        (first_rows, first_t), (last_rows, last_t) = marks[0], marks[-1]
+        steady = (last_rows - first_rows) / (last_t - first_t) if last_t > first_t else float("nan")
+    result = {"prompts": summary.rows, "steady": steady, "e2e": summary.prompts_per_second}
+    if busy:
+        result["rows_per_actor"] = sorted(summary.engine_info["rows_per_actor"].values())
+        result["busy_s_per_actor"] = sorted(round(b, 2) for b in busy.values())
+    return result
+
+
+def local_vs_ray(args: argparse.Namespace, pipe: Any, work: Path) -> dict[str, Any]:
+    """Local engine vs Ray engine, side by side, at every batch size; step-1 (and --full if asked)."""
+    sizes = [int(s) for s in args.batch_sizes.split(",")]
+    start_ray(args)
+    threads = [int(t) for t in str(args.local_threads).split(",")]
+    print(
+        f"local: {'/'.join(map(str, threads))} torch threads in this process; ray: {args.actors} actors x "
+        f"{args.cpus_per_actor} CPU ({args.cpus_per_actor} torch thread) each, local cluster"
+    )
+    print(
+        "prompts/s; steady: local from the first scored batch to the last, Ray rows / busiest actor's "
+        "scoring time; e2e: the whole scan() (Ray: pool start and a model load per actor)"
+    )
+    modes = [(False, args.prompts)] + ([(True, args.full_prompts)] if args.full_prompts else [])
+    local_names = [f"local {t}t" for t in threads]
+    print(
+        f"{'batch':>5} {'mode':>7} "
+        + " ".join(f"{name:>9}" for name in local_names)
+        + f" {'ray':>7} {'ray/best':>9} | e2e: "
+        + " ".join(f"{name:>9}" for name in local_names)
+        + f" {'ray':>7}  rows, busy s per actor"
+    )
+    results: dict[str, Any] = {}
+    for size in sizes:
+        for full, count in modes:
+            count = max(size, count // size * size)  # whole batches only
+            prompts = write_prompts(work / f"p-{size}-{full}-{count}.txt", count)
+            settings = ScanSettings(
+                model="testbed", batch_size=size, full=full, steps=args.steps, guidance_scale=args.guidance
+            )
+            locals_ = []
+            for t in threads:
+                torch.set_num_threads(t)
+                out = work / f"local-{size}-{full}-{t}"
+                locals_.append(timed("local", prompts, out, settings, pipe, args))
+            remote = timed("ray", prompts, work / f"ray-{size}-{full}", settings, None, args)
+            mode = "--full" if full else "step-1"
+            results[f"{size}-{mode}"] = {
+                **{f"local_{t}_threads": r for t, r in zip(threads, locals_, strict=True)},
+                "ray": remote,
+            }
+            best = max(r["steady"] for r in locals_)
+            print(
+                f"{size:>5} {mode:>7} "
+                + " ".join(f"{r['steady']:>9.1f}" for r in locals_)
+                + f" {remote['steady']:>7.1f} {remote['steady'] / best:>8.2f}x | e2e: "
+                + " ".join(f"{r['e2e']:>9.1f}" for r in locals_)
+                + f" {remote['e2e']:>7.1f}  {remote.get('rows_per_actor')} {remote.get('busy_s_per_actor')} s"
+            )
+    return results
+
+
 def throughput(args: argparse.Namespace, pipe: Any, work: Path) -> dict[str, Any]:
+    if args.engine == "ray":
+        return local_vs_ray(args, pipe, work)
     results: dict[str, Any] = {}
     sizes = [int(s) for s in args.batch_sizes.split(",")]
     print(f"{'batch':>5} {'step-1 prompts/s':>17} {'--full prompts/s':>17} {'ratio':>7}")
@@ -141,7 +261,18 @@ def large_scan(args: argparse.Namespace, pipe: Any, work: Path) -> dict[str, Any
             next_sample[0] += args.sample_every
 
     started = time.perf_counter()
-    summary = run_engine(args.engine, prompts, out, settings, pipe, on_batch=sample)
+    if args.engine == "ray":
+        start_ray(args)
+    summary = run_engine(
+        args.engine,
+        prompts,
+        out,
+        settings,
+        pipe if args.engine == "local" else None,
+        actors=args.actors,
+        cpus_per_actor=args.cpus_per_actor,
+        on_batch=sample,
+    )
     wall = time.perf_counter() - started
     samples.append((summary.rows, rss_mib()))
     result = {
@@ -173,7 +304,17 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="1,8,32")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance", type=float, default=2.0)
-    parser.add_argument("--engine", choices=ENGINES, default="local")
+    parser.add_argument(
+        "--engine", choices=ENGINES, default="local", help="ray: local and Ray engines side by side"
+    )
+    parser.add_argument("--actors", type=int, default=2, help="Ray engine: actors")
+    parser.add_argument("--cpus-per-actor", type=int, default=1, help="Ray engine: CPUs and threads each")
+    parser.add_argument(
+        "--local-threads",
+        default=f"1,{os.cpu_count() or 1}",
+        help="--engine ray: torch threads of the local engine it is compared with, comma-separated "
+        "(default: 1 and all cores)",
+    )
     parser.add_argument("--rows", type=int, help="large-scan mode: scan this many synthetic prompts")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size of the large scan")
     parser.add_argument("--sample-every", type=int, default=5000, help="rows between RSS samples")

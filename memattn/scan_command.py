@@ -63,6 +63,27 @@ def scan(
     device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
     dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16.")] = "float32",
     progress: Annotated[bool, typer.Option(help="Show a progress bar (prompts/s, ETA) on stderr.")] = True,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="local (this process) or ray (a pool of Ray actors; needs ray[data]). Same rows either "
+            "way, so a scan may be resumed with the other engine."
+        ),
+    ] = "local",
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="Ray cluster: auto, HOST:6379 or ray://HOST:10001 (default: $RAY_ADDRESS if set, else a "
+            "new local cluster)."
+        ),
+    ] = None,
+    actors: Annotated[
+        int | None,
+        typer.Option(help="Ray actors, each holding the pipeline (default: one per GPU with cuda, else 2)."),
+    ] = None,
+    cpus_per_actor: Annotated[
+        int, typer.Option(help="CPU actors: CPUs (and torch threads) each reserves.")
+    ] = 1,
 ) -> None:
     """Score every prompt of a file (step-1 detection; --full for all steps) into Parquet, resumably.
 
@@ -98,9 +119,15 @@ def scan(
         rows_per_part=part_rows,
         seconds_per_part=part_seconds,
         progress=progress,
+        engine=engine,
+        ray_address=ray_address,
+        actors=actors,
+        cpus_per_actor=cpus_per_actor,
     )
     flagged = f", flagged {summary.flagged}" if summary.calibrated else " (no calibration: flagged is null)"
     resumed = f"; resumed after {summary.resumed_rows} rows" if summary.resumed_rows else ""
+    if summary.engine_info.get("actors"):
+        resumed += f" ({summary.engine_info['actors']} Ray actors)"
     Console(stderr=True).print(
         f"{summary.rows} rows in {summary.out}: ok {summary.ok}, skipped {summary.skipped}, truncated "
         f"{summary.truncated}{flagged}{resumed}; {summary.scanned_rows} scanned in {summary.seconds:.1f} s "

@@ -113,6 +113,7 @@ def test_jsonl_reader_records_every_bad_line(tmp_path):
         b"",
         b'{"prompt": "caf\xe9"}',
         '{"prompt": "unicode ok: café"}'.encode(),
+        b'{"prompt": "lone \\ud800 surrogate"}',
     ]
     path.write_bytes(b"\n".join(lines) + b"\n")
     rows = rows_of(path)
@@ -124,6 +125,7 @@ def test_jsonl_reader_records_every_bad_line(tmp_path):
     assert reasons[6] == "'prompt' is int, not text" and reasons[7] == "empty prompt"
     assert reasons[8] == "empty line" and reasons[9].startswith("not valid UTF-8")
     assert rows[10][1:] == ("unicode ok: café", None)
+    assert rows[11][1:] == (None, "not valid Unicode (lone surrogate)")
 
 
 def test_csv_reader_records_every_bad_line(tmp_path):

@@ -28,7 +28,7 @@ names start with ``_`` or ``.`` (manifest, lock, temp files) are ignored by pyar
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from memattn.errors import MemattnError
-from memattn.scan.inputs import Batch, InputRow, batches, check_input, count_rows, iter_prompts
+from memattn.scan.inputs import Batch, Covered, InputRow, batches, check_input, count_rows, iter_prompts
 from memattn.scan.output import (
     PartWriter,
     ScanLock,
@@ -49,6 +49,7 @@ from memattn.scan.output import (
     scan_identity,
 )
 from memattn.scan.schema import (
+    ENGINES,
     MANIFEST_FILE,
     MAX_PROMPT_BYTES,
     SCHEMA,
@@ -59,6 +60,7 @@ from memattn.scan.schema import (
 )
 from memattn.scan.scoring import (
     BatchScorer,
+    Calibrated,
     check_calibration,
     load_calibration,
     load_detector,
@@ -81,6 +83,7 @@ class ScanSummary:
     seconds: float
     calibrated: bool
     counts: dict[str, int] = field(default_factory=dict)
+    engine_info: dict[str, Any] = field(default_factory=dict)  # "engine"; Ray: actors, rows_per_actor, ...
 
     @property
     def prompts_per_second(self) -> float:
@@ -156,17 +159,31 @@ def scan(
     progress: bool = True,
     on_batch: Callable[[int], None] | None = None,
     pipe: Any = None,
+    engine: str = "local",
+    ray_address: str | None = None,
+    actors: int | None = None,
+    cpus_per_actor: int = 1,
 ) -> ScanSummary:
     """Scan a prompt file into ``out`` (a directory of Parquet parts); resumes an interrupted scan.
 
     ``pipe`` reuses an already loaded pipeline (it must be ``settings.model`` on ``settings.device``).
     ``on_batch(rows_done)`` is called after each scored batch (benchmarks sample memory there).
+
+    ``engine="ray"`` scores the same fixed batches on a pool of Ray actors (``memattn.scan.ray_engine``):
+    ``actors`` of them (default: one per GPU of the cluster with a cuda ``device``, else 2), each holding
+    the pipeline on one GPU or ``cpus_per_actor`` CPUs (and as many torch threads), on the cluster at
+    ``ray_address`` (default: a new local one, or ``RAY_ADDRESS``'s). The rows are identical to the local
+    engine's, so the engine is not part of the manifest: a scan may be resumed with either.
     """
     from tqdm.auto import tqdm
 
     from memattn import __version__
 
     settings.check()
+    if engine not in ENGINES:
+        raise MemattnError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine != "local" and pipe is not None:
+        raise MemattnError("pipe= reuses a pipeline in this process: only the local engine can use it")
     if rows_per_part < 1:
         raise MemattnError(f"rows per part must be at least 1, got {rows_per_part}")
     input_path = check_input(prompts)
@@ -190,8 +207,25 @@ def scan(
         covered, _ = read_parts(out)
         resumed = covered.rows
         writer = PartWriter(out, rows_per_part, seconds_per_part)
-        scorer: BatchScorer | None = None
         done = resumed
+        info: dict[str, Any] = {"engine": engine}
+        if engine == "ray":
+            from memattn.scan.ray_engine import score_on_ray
+
+            scored = score_on_ray(
+                input_path,
+                settings,
+                covered,
+                calibration=calibrated,
+                detector=detector[0] if detector else None,
+                total=total,
+                address=ray_address,
+                actors=actors,
+                cpus_per_actor=cpus_per_actor,
+                info=info,
+            )
+        else:
+            scored = _score_locally(input_path, settings, covered, calibrated, detector, pipe, __version__)
         bar = tqdm(
             total=total,
             initial=resumed,
@@ -201,17 +235,7 @@ def scan(
             dynamic_ncols=True,
         )
         try:
-            for batch in batches(iter_prompts(input_path), settings.batch_size):
-                if batch.start in covered:
-                    continue
-                if scorer is None:
-                    scorer = BatchScorer(
-                        pipe if pipe is not None else _load(settings),
-                        settings,
-                        calibrated,
-                        detector[0] if detector else None,
-                    )
-                rows = score_batch(scorer, batch, settings, settings.model, __version__)
+            for batch, rows in scored:
                 writer.add(batch, rows)
                 done += len(rows)
                 bar.update(len(rows))
@@ -223,6 +247,7 @@ def scan(
                 writer.flush()
             raise
         finally:
+            scored.close()  # stops the engine (Ray: its actors, and a cluster it started)
             bar.close()
         _, counts = read_parts(out)
         finish_manifest(out, counts)
@@ -238,7 +263,32 @@ def scan(
         seconds=time.perf_counter() - started,
         calibrated=calibrated is not None,
         counts=counts,
+        engine_info=info,
     )
+
+
+def _score_locally(
+    input_path: Path,
+    settings: ScanSettings,
+    covered: Covered,
+    calibrated: Calibrated | None,
+    detector: tuple[Any, str] | None,
+    pipe: Any,
+    version: str,
+) -> Iterator[tuple[Batch, list[dict[str, Any]]]]:
+    """The local engine: the batches not in ``covered``, scored in this process, in input order."""
+    scorer: BatchScorer | None = None
+    for batch in batches(iter_prompts(input_path), settings.batch_size):
+        if batch.start in covered:
+            continue
+        if scorer is None:  # loaded on the first batch to score: a finished scan loads nothing
+            scorer = BatchScorer(
+                pipe if pipe is not None else _load(settings),
+                settings,
+                calibrated,
+                detector[0] if detector else None,
+            )
+        yield batch, score_batch(scorer, batch, settings, settings.model, version)
 
 
 def _load(settings: ScanSettings) -> Any:
@@ -254,6 +304,7 @@ def read_results(out: str | Path, columns: list[str] | None = None) -> pa.Table:
 
 
 __all__ = [
+    "ENGINES",
     "MANIFEST_FILE",
     "MAX_PROMPT_BYTES",
     "SCHEMA",

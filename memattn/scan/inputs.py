@@ -41,6 +41,10 @@ def _check_text(row: int, text: str, raw: bytes | None = None) -> InputRow:
         return InputRow(row, None, f"longer than {MAX_PROMPT_BYTES} bytes", sha(data))
     if not text.strip():
         return InputRow(row, text, "empty prompt", sha(data))
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (a JSON "\\ud800" escape): no tokenizer can take it
+        return InputRow(row, None, "not valid Unicode (lone surrogate)", sha(data))
     return InputRow(row, text, None, sha(data))
 
 

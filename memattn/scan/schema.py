@@ -20,6 +20,8 @@ SUFFIXES = (".txt", ".jsonl", ".csv", ".parquet")
 FIELDS = ("prompt", "caption")
 MAX_PROMPT_BYTES = 65_536  # longer lines/values are skipped unread (they are far beyond 77 tokens anyway)
 TOO_LONG = ("truncate", "skip")
+# Where batches are scored; not a setting: every engine writes the same rows (not in the manifest).
+ENGINES = ("local", "ray")
 
 TRIGGER = pa.struct([("token", pa.string()), ("position", pa.int32()), ("share", pa.float64())])
 SCHEMA = pa.schema(
