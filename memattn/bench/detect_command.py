@@ -54,7 +54,8 @@ def roc_figure(per_prompt: dict[str, Any], labels: Any, path: Path, title: str) 
     for name, values in per_prompt.items():
         fpr, tpr, _ = roc_curve(labels, values)
         ax.plot(fpr, tpr, label=name, lw=1.5 if not name.startswith("e_layer") else 0.7)
-    ax.plot([0, 1], [0, 1], color="grey", lw=0.5, ls="--")
+    chance = [i / 200 for i in range(201)]  # many points: a straight chance line bends on the symlog axis
+    ax.plot(chance, chance, color="grey", lw=0.5, ls="--", label="chance")
     ax.set_xscale("symlog", linthresh=0.01)
     ax.set_xlabel("false-positive rate (symlog)")
     ax.set_ylabel("true-positive rate")
