@@ -177,8 +177,8 @@ def load_model(model: str | None, results: Results, device: str, dtype: str) -> 
             return (
                 None,
                 (
-                    f"the scan's model {model!r} is not a local pipeline directory; pass --model DIR or hub id "
-                    "to regenerate the selected prompts"
+                    f"the scan's model {model!r} is not a local pipeline directory; "
+                    "pass --model DIR or hub id to regenerate the selected prompts"
                 ),
                 model,
             )
