@@ -6,7 +6,9 @@ Arms, each a full ``pipe(...)`` call on an SD1-architecture pipeline with random
 - ``mitigate``: ``memattn.mitigate(pipe, c=1.25)`` (padding mask + BOS x C on every step and layer);
 - ``guard, clean``: ``Guard(threshold=+inf)``: step-1 scoring, nothing flagged (a clean stream);
 - ``guard, flagged``: ``Guard(threshold=-inf, mode="continue")``: every image edited from step 2;
-- ``guard, restart``: ``Guard(threshold=-inf, mode="restart")``: every image generated twice.
+- ``guard, restart``: ``Guard(threshold=-inf, mode="restart")``: every image generated twice;
+- with ``--methods``: every other method of ``memattn.methods`` at its default strength (``wen`` at target 0:
+  always its 10 optimisation steps, the worst case).
 Prints median seconds and the median of per-round ratios to plain; ``--quick`` is a CI smoke run.
 """
 
@@ -24,6 +26,7 @@ import torch
 
 import memattn
 from memattn.guard import Guard
+from memattn.methods import METHODS, prepare
 from memattn.tiny import tiny_pipeline
 
 PROMPTS = ("a photo of an astronaut riding a horse on mars", "an oil painting of a lighthouse at dusk")
@@ -35,6 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="16x16 latents, 2 steps, 2 rounds")
+    parser.add_argument("--methods", action="store_true", help="also every method of memattn.methods")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     if args.quick:
@@ -71,6 +75,18 @@ def main(argv: list[str] | None = None) -> dict:
     arms = {"plain": plain, "mitigate": mitigated}
     for name, guard in guards.items():
         arms[name] = lambda guard=guard: guard(list(PROMPTS), **call())
+    if args.methods:
+        for method in METHODS:
+            if method in ("none", "ren2024"):
+                continue
+            strength = 0.0 if method == "wen" else None
+
+            def run(method=method, strength=strength):
+                prepared = prepare(pipe, method, list(PROMPTS), strength, steps=args.steps)
+                with prepared.context:
+                    pipe(prepared.prompts, **call())
+
+            arms[f"method {method}"] = run
     names = list(arms)
     for name in names:  # warm-up
         arms[name]()
@@ -90,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
             "seconds": seconds[name],
         }
         median = statistics.median(seconds[name])
-        print(f"{name:16} median {median:7.3f} s   ratio to plain {statistics.median(ratios):.3f}")
+        print(f"{name:26} median {median:7.3f} s   ratio to plain {statistics.median(ratios):.3f}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     return result
