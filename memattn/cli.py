@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from memattn.errors import MemattnError
+from memattn.quiet import quiet_loading
 
 app = typer.Typer(
     add_completion=False,
@@ -50,7 +51,7 @@ def detect(
     from memattn.detect import detect as run_detect
     from memattn.loading import load_pipeline, parse_dtype
 
-    _quiet_loading()
+    quiet_loading()
     pipe = load_pipeline(model, dtype=parse_dtype(dtype), device=device)
     results = run_detect(
         pipe,
@@ -108,7 +109,7 @@ def calibrate(
     from memattn.loading import load_pipeline, resolve_model
     from memattn.prompts_io import read_prompts
 
-    _quiet_loading()
+    quiet_loading()
     prompts = read_prompts(clean)
     path = Path(resolve_model(model))
     target = out or path / CALIBRATION_FILE
@@ -173,7 +174,7 @@ def generate(
     from memattn.guard import Guard
     from memattn.loading import load_pipeline
 
-    _quiet_loading()
+    quiet_loading()
     prompts = check_prompts(prompts)
     pipe = load_pipeline(model, device=device)
     generators = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(len(prompts))]
@@ -309,7 +310,7 @@ def testbed_report(
     """Generate every ground-truth group, score D/E/E-per-layer, measure copies and alignment, report."""
     import time
 
-    _quiet_loading()
+    quiet_loading()
     from memattn.loading import resolve_model
     from memattn.testbed.evaluate import evaluate, load_manifest
     from memattn.testbed.report import write_report
@@ -362,15 +363,6 @@ def testbed_report(
     console.print(f"report: {report}  ({seconds:.0f} s of generation and scoring)")
 
 
-def _quiet_loading() -> None:
-    """Loading bars of diffusers/transformers would bury the command's own output."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.disable_progress_bar()
-    diffusers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
 
 
 def main() -> None:

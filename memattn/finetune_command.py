@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from memattn.errors import MemattnError
+from memattn.quiet import quiet_loading
 
 
 def register(app: typer.Typer) -> None:
@@ -109,7 +110,7 @@ def finetune(
     from memattn.finetune import FinetuneConfig, MitigationConfig
     from memattn.finetune import finetune as run
 
-    _quiet_loading()
+    quiet_loading()
     config = FinetuneConfig(
         output_dir=str(output_dir),
         model=model,
@@ -226,15 +227,6 @@ def cli_args(config) -> list[str]:  # noqa: ANN001 (a FinetuneConfig; kept impor
     return args
 
 
-def _quiet_loading() -> None:
-    """Loading bars of diffusers/transformers would bury the run's own progress bar."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.disable_progress_bar()
-    diffusers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
 
 
 def main() -> None:

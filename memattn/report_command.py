@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from memattn.quiet import quiet_loading
+
 
 def register(app: typer.Typer) -> None:
     """Add the ``report`` command to ``app`` (memattn's CLI calls this once)."""
@@ -46,7 +48,7 @@ def register(app: typer.Typer) -> None:
 
         from memattn.report import write_scan_report
 
-        _quiet_loading()
+        quiet_loading()
         path = write_scan_report(
             results, out, model=model, top=top, maps=maps, steps=steps, guidance_scale=guidance, score=score,
             device=device, dtype=dtype,
@@ -54,12 +56,3 @@ def register(app: typer.Typer) -> None:
         Console().print(f"report: {path}")
 
 
-def _quiet_loading() -> None:
-    """Loading bars of diffusers/transformers would bury the command's own output (as memattn.cli)."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.disable_progress_bar()
-    diffusers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()

@@ -11,6 +11,8 @@ from typing import Annotated
 
 import typer
 
+from memattn.quiet import quiet_loading
+
 DEFAULT_GUIDANCE = 7.5
 
 
@@ -94,7 +96,7 @@ def scan(
     from memattn.scan import ScanSettings, load_calibration
     from memattn.scan import scan as run_scan
 
-    _quiet_loading()
+    quiet_loading()
     if guidance is None:
         calibrated = load_calibration(model, calibration)
         guidance = (calibrated.guidance_scale if calibrated else None) or DEFAULT_GUIDANCE
@@ -137,12 +139,3 @@ def scan(
     )
 
 
-def _quiet_loading() -> None:
-    """Loading bars and warnings of diffusers/transformers would bury the scan's progress bar."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.disable_progress_bar()
-    diffusers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()

@@ -93,12 +93,12 @@ def bench_detect(
 ) -> None:
     """Every detection score (D, E, E per layer, Wen, bright ending, combined step-1) in one pass."""
     from memattn.bench.detect import analyse, collect, per_prompt_scores
-    from memattn.cli import _quiet_loading
     from memattn.combined import DETECTOR_FILE
     from memattn.loading import load_pipeline, resolve_model
     from memattn.prompts_io import read_prompts
+    from memattn.quiet import quiet_loading
 
-    _quiet_loading()
+    quiet_loading()
     resolved = resolve_model(model)
     is_testbed = (Path(resolved) / "memattn_testbed.json").is_file()
     if memorized is None and clean is None:

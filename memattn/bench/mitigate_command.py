@@ -113,10 +113,10 @@ def mitigate_command(
     score of clean prompts (--clip). 'none' runs first: the reference for SSCD and the time ratio.
     """
     from memattn.bench.mitigate import bench_notes, parse_strengths, run_mitigation_bench, write_outputs
-    from memattn.cli import _quiet_loading
     from memattn.loading import parse_dtype
+    from memattn.quiet import quiet_loading
 
-    _quiet_loading()
+    quiet_loading()
     rows = run_mitigation_bench(
         model,
         method_names=methods,

@@ -35,6 +35,7 @@ from typing import Any
 import pyarrow as pa
 
 from memattn.errors import MemattnError
+from memattn.quiet import quiet_loading
 from memattn.scan.inputs import Batch, Covered, InputRow, batches, iter_prompts
 from memattn.scan.schema import SCHEMA, ScanSettings
 
@@ -130,7 +131,7 @@ class ScanActor:
 
         if threads:
             torch.set_num_threads(threads)
-        _quiet_libraries()
+        quiet_loading()
         # Ray shows an actor only the GPU it reserved for it (CUDA_VISIBLE_DEVICES): that is "cuda" here.
         device = "cuda" if settings.device.startswith("cuda") else settings.device
         pipe = load_pipeline(settings.model, dtype=parse_dtype(settings.dtype), device=device)
@@ -151,14 +152,6 @@ class ScanActor:
         return pa.Table.from_pylist(rows, schema=OUT_SCHEMA)
 
 
-def _quiet_libraries() -> None:
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.disable_progress_bar()
-    diffusers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
 
 
 # ---- the cluster -------------------------------------------------------------------------------------
