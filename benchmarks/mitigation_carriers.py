@@ -35,7 +35,7 @@ ATTRIBUTE_WORDS = frozenset(
 
 @dataclass(frozen=True)
 class WordMask:
-    """An attention edit (same interface as ``memattn.edits.AttentionEdit``) on one kind of prompt word."""
+    """An attention edit (``AttentionEdit``'s ``active``/``apply`` interface) on one kind of prompt word."""
 
     kind: str  # "attribute" or "filler"
     penalty: float = float("inf")  # inf: masked; else subtracted from the logits
@@ -49,8 +49,8 @@ class WordMask:
     def check_schedule(self, n_steps: int) -> None:
         pass
 
-    def bias(self, query, key, cond_rows, layouts, rows_mask=None) -> torch.Tensor:
-        bias = torch.zeros(query.shape[0], 1, 1, key.shape[2], dtype=query.dtype)
+    def apply(self, key, cond_rows, layouts, rows_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+        bias = torch.zeros(key.shape[0], 1, 1, key.shape[2], dtype=key.dtype, device=key.device)
         for row, layout in enumerate(layouts):
             target = bias[cond_rows.start + row, 0, 0]
             for position in layout.prompt_span:
@@ -58,7 +58,7 @@ class WordMask:
                     target[position] = -self.penalty
             if self.mask_summary:
                 target[layout.eos_index :] = float("-inf")
-        return bias.expand(-1, query.shape[1], query.shape[2], -1)
+        return key, bias
 
 
 def paraphraser():

@@ -2,13 +2,16 @@
 
 The paper's edit, per cross-attention layer and step, on the conditional branch: mask the padding
 after the first EOS (``-inf`` on those keys; optionally the EOS too) and multiply the BOS logit by
-``C`` (``S₀ ← C·S₀``, an additive bias ``(C − 1)·S₀``), then softmax. The official code handles one
+``C`` (``S₀ ← C·S₀``), then softmax. The official code handles one
 prompt and one image; here every conditional row uses its own prompt's layout, so prompts of
 different lengths, ``num_images_per_prompt > 1`` and runs without CFG are all correct. The official
 code also masks the unconditional branch to the conditional prompt's length: ``mask_uncond=True``.
 
-The edit is an additive bias passed to the same fused attention kernel as the unedited layer: no
-extra forward passes. ``memattn.mitigate(pipe, c=1.25)`` installs it for a ``with`` block and can be
+``S₀ = q·k₀/√d`` is linear in the BOS key, so ``C·S₀`` is obtained by scaling the BOS key ``k₀`` of the
+edited rows by ``C``; the masks are an additive bias of shape ``(batch, 1, 1, tokens)`` that broadcasts
+over heads and queries. Both go to the same fused attention kernel as the unedited layer: no extra
+forward passes, no extra matmul and no ``(batch, heads, queries, tokens)`` tensor per layer call.
+``memattn.mitigate(pipe, c=1.25)`` installs it for a ``with`` block and can be
 combined with ``memattn.trace`` in either order (the trace then records the edited attention).
 """
 
@@ -68,52 +71,52 @@ class AttentionEdit:
                 f"the pipeline makes {n_steps} UNet calls, valid steps are 0..{n_steps - 1}"
             )
 
-    def bias(
+    def apply(
         self,
-        query: torch.Tensor,
         key: torch.Tensor,
         cond_rows: slice,
         layouts: Sequence[TokenLayout] | None,
         rows_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Additive logit bias ``(batch, heads, queries, tokens)`` in the query's dtype.
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(key, bias)`` to hand to the attention kernel instead of the layer's own key.
 
-        ``query``/``key`` are ``(batch, heads, L, d)`` / ``(batch, heads, T, d)`` before scaling.
-        ``rows_mask`` (bool per conditional row) limits the edit to some images (the guard).
+        ``key`` is ``(batch, heads, tokens, d)``; the returned key has the BOS key of every edited
+        conditional row multiplied by ``C``. ``bias`` is an additive ``(batch, 1, 1, tokens)`` logit bias
+        in the key's dtype (``-inf`` on masked tokens, ``-prompt_penalty`` on prompt words), or ``None``
+        when nothing is masked. ``rows_mask`` (bool per conditional row) limits the edit to some images
+        (the guard).
         """
-        batch, heads, n_query, head_dim = query.shape
-        n_tokens = key.shape[2]
+        batch, _, n_tokens, _ = key.shape
         n_cond = cond_rows.stop - cond_rows.start
         if layouts is None or len(layouts) != n_cond:
             raise LayoutError(
                 "mitigation needs each prompt's token layout: pass prompts to the pipeline, or give "
                 "memattn.mitigate(..., lengths=[...]) when calling it with prompt_embeds"
             )
-        bias = torch.zeros(batch, heads, n_query, n_tokens, dtype=query.dtype, device=query.device)
+        rows = None if rows_mask is None else rows_mask.to(key.device)
+        if self.c != 1.0:
+            factor = torch.ones(batch, dtype=key.dtype, device=key.device)
+            factor[cond_rows] = self.c if rows is None else torch.where(rows, self.c, 1.0).to(key.dtype)
+            key = torch.cat([key[:, :, :1] * factor[:, None, None, None], key[:, :, 1:]], dim=2)
+        if not (self.mask_padding or self.mask_prompt or self.prompt_penalty):
+            return key, None
         eos = tuple(layout.eos_index for layout in layouts)
         hidden, prompt_words = _token_masks(
-            eos, n_tokens, self.mask_padding, self.mask_eos, self.mask_prompt, query.device
+            eos, n_tokens, self.mask_padding, self.mask_eos, self.mask_prompt, key.device
         )
-        if rows_mask is not None:
-            rows = rows_mask.to(query.device)
+        if rows is not None:
             hidden, prompt_words = hidden & rows[:, None], prompt_words & rows[:, None]
-        cond = bias[cond_rows]
-        cond.masked_fill_(hidden[:, None, None, :], float("-inf"))
+        bias = torch.zeros(batch, 1, 1, n_tokens, dtype=key.dtype, device=key.device)
+        cond = bias[cond_rows, 0, 0]
+        cond.masked_fill_(hidden, float("-inf"))
         if self.prompt_penalty:
-            cond -= self.prompt_penalty * prompt_words[:, None, None, :].to(bias.dtype)
-        if self.c != 1.0:
-            scale = head_dim**-0.5
-            bos_logit = (query[cond_rows].float() * scale) @ key[cond_rows, :, :1].float().transpose(-1, -2)
-            extra = (self.c - 1.0) * bos_logit[..., 0]  # (rows, heads, L)
-            if rows_mask is not None:
-                extra = extra * rows_mask.to(extra.device, extra.dtype)[:, None, None]
-            cond[..., 0] += extra.to(bias.dtype)
+            cond -= self.prompt_penalty * prompt_words.to(bias.dtype)
         if self.mask_uncond and (self.mask_padding or self.mask_prompt) and cond_rows.start > 0:
-            uncond = bias[: cond_rows.start]
+            uncond = bias[: cond_rows.start, 0, 0]
             if uncond.shape[0] != n_cond:
                 raise LayoutError(f"{uncond.shape[0]} unconditional rows for {n_cond} conditional rows")
-            uncond.masked_fill_(hidden[:, None, None, :], float("-inf"))
-        return bias
+            uncond.masked_fill_(hidden, float("-inf"))
+        return key, bias
 
 
 @functools.lru_cache(maxsize=256)

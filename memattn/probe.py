@@ -330,8 +330,9 @@ class CrossAttentionProbe:
         recorder = self.recorder
         editor = recorder.editor
         if editor is not None and not editor.is_noop and editor.active(recorder.step, self.layer):
-            bias = editor.bias(query, key, recorder.cond_rows, recorder.layouts, recorder.edit_rows)
-            attention_mask = merge_masks(bias, attention_mask)
+            key, bias = editor.apply(key, recorder.cond_rows, recorder.layouts, recorder.edit_rows)
+            if bias is not None:
+                attention_mask = merge_masks(bias, attention_mask)
         recorder.observe(self.layer, query, key, attention_mask)
 
         hidden_states = F.scaled_dot_product_attention(

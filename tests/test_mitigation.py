@@ -46,26 +46,42 @@ def test_bad_c_is_a_clear_error(c):
         AttentionEdit(c=c)
 
 
-def test_bias_masks_each_rows_padding_and_scales_its_bos_logit():
+def _logits(edit, q, k, cond_rows, layouts, rows_mask=None):
+    """The logits the attention kernel sees under the edit: q·k'/√d + bias."""
+    key, bias = edit.apply(k, cond_rows, layouts, rows_mask)
+    logits = q @ key.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    return logits if bias is None else logits + bias
+
+
+def test_edit_masks_each_rows_padding_and_scales_its_bos_logit():
     torch.manual_seed(0)
     q, k = torch.randn(4, 2, 5, 8), torch.randn(4, 2, 77, 8)
     layouts = [TokenLayout(eos_index=3), TokenLayout(eos_index=6)]
+    plain = q @ k.transpose(-1, -2) / math.sqrt(8)
     edit = AttentionEdit(c=1.5)
-    bias = edit.bias(q, k, slice(2, 4), layouts)
-    assert bias.shape == (4, 2, 5, 77)
-    assert (bias[:2] == 0).all()  # unconditional rows untouched by default
+    key, bias = edit.apply(k, slice(2, 4), layouts)
+    assert bias.shape == (4, 1, 1, 77)  # broadcast over heads and queries: no per-query tensor
+    logits = _logits(edit, q, k, slice(2, 4), layouts)
+    assert logits.shape == (4, 2, 5, 77)
+    torch.testing.assert_close(logits[:2], plain[:2])  # unconditional rows untouched by default
     for row, layout in zip((2, 3), layouts, strict=True):
-        assert torch.isinf(bias[row, ..., layout.eos_index + 1 :]).all()
-        assert torch.isfinite(bias[row, ..., : layout.eos_index + 1]).all()  # EOS stays visible
-        expected = 0.5 * (q[row] @ k[row, :, 0, :, None])[..., 0] / math.sqrt(8)
-        torch.testing.assert_close(bias[row, ..., 0], expected)
-        assert (bias[row, ..., 1 : layout.eos_index + 1] == 0).all()
-    with_eos = AttentionEdit(c=1.0, mask_eos=True).bias(q, k, slice(2, 4), layouts)
-    assert torch.isinf(with_eos[2, ..., 3]).all() and (with_eos[2, ..., 0] == 0).all()
-    uncond = AttentionEdit(mask_uncond=True).bias(q, k, slice(2, 4), layouts)
+        assert torch.isinf(logits[row, ..., layout.eos_index + 1 :]).all()
+        assert torch.isfinite(logits[row, ..., : layout.eos_index + 1]).all()  # EOS stays visible
+        torch.testing.assert_close(logits[row, ..., 0], 1.5 * plain[row, ..., 0])
+        torch.testing.assert_close(
+            logits[row, ..., 1 : layout.eos_index + 1], plain[row, ..., 1 : layout.eos_index + 1]
+        )
+    with_eos = _logits(AttentionEdit(c=1.0, mask_eos=True), q, k, slice(2, 4), layouts)
+    assert torch.isinf(with_eos[2, ..., 3]).all()
+    torch.testing.assert_close(with_eos[2, ..., 0], plain[2, ..., 0])
+    uncond = _logits(AttentionEdit(mask_uncond=True), q, k, slice(2, 4), layouts)
     assert torch.isinf(uncond[0, ..., 4:]).all() and torch.isinf(uncond[1, ..., 7:]).all()
-    only_second = edit.bias(q, k, slice(2, 4), layouts, rows_mask=torch.tensor([False, True]))
-    assert (only_second[2] == 0).all() and torch.isinf(only_second[3, ..., 7:]).all()
+    only_second = _logits(edit, q, k, slice(2, 4), layouts, rows_mask=torch.tensor([False, True]))
+    torch.testing.assert_close(only_second[2], plain[2])
+    assert torch.isinf(only_second[3, ..., 7:]).all()
+    torch.testing.assert_close(only_second[3, ..., 0], 1.5 * plain[3, ..., 0])
+    bos_only_key, no_bias = AttentionEdit(c=2.0, mask_padding=False).apply(k, slice(2, 4), layouts)
+    assert no_bias is None and torch.equal(bos_only_key[:2], k[:2])
 
 
 def test_edit_validation():
@@ -74,7 +90,7 @@ def test_edit_validation():
     with pytest.raises(MemattnError, match="valid steps are 0..2"):
         AttentionEdit(steps=(1, 5)).check_schedule(3)
     with pytest.raises(LayoutError, match="token layout"):
-        AttentionEdit().bias(torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 77, 4), slice(0, 1), None)
+        AttentionEdit().apply(torch.zeros(1, 1, 77, 4), slice(0, 1), None)
 
 
 # ---- on a pipeline ------------------------------------------------------------------------------
