@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 import memattn
+from memattn.detect import stop_after_first_step
 from memattn.detectors import BE_LAYERS, NoiseDifference, bright_ending, step1_features
 from memattn.loading import BUNDLED_TESTBED, load_pipeline
 from memattn.tiny import tiny_pipeline
@@ -50,13 +51,9 @@ def arms(pipe, steps: int, guidance: float) -> dict:
             **extra,
         )
 
-    def stop(p, step, timestep, tensors):
-        p._interrupt = True
-        return tensors
-
     def step1():
         with memattn.trace(pipe) as tr, NoiseDifference(pipe, max_calls=1) as noise:
-            call(callback_on_step_end=stop)
+            call(callback_on_step_end=stop_after_first_step)
         memattn.score_e(tr.record)
         step1_features(tr.record, noise.wen(1))
 

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from memattn.errors import MemattnError
+from memattn.errors import MemattnError, run_cli
 from memattn.quiet import quiet_loading
 
 app = typer.Typer(
@@ -367,11 +367,7 @@ def testbed_report(
 
 def main() -> None:
     """Entry point: library errors become one line on stderr and exit code 2."""
-    try:
-        app()
-    except MemattnError as error:
-        sys.stderr.write(f"error: {error}\n")
-        raise SystemExit(2) from None
+    run_cli(app)
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ def detect(
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
         kwargs: dict[str, Any] = {}
         if first_step_only:
-            kwargs["callback_on_step_end"] = _stop_after_first_step
+            kwargs["callback_on_step_end"] = stop_after_first_step
         with trace(pipe) as tr:
             pipe(
                 list(batch),
@@ -106,6 +106,7 @@ def detect(
     return results
 
 
-def _stop_after_first_step(pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
+def stop_after_first_step(pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
+    """``callback_on_step_end`` that ends a diffusers pipeline call after its first UNet call."""
     pipe._interrupt = True
     return callback_kwargs

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from typing import Any
+
 
 class MemattnError(Exception):
     """Base class: the CLI prints these as one line instead of a traceback."""
@@ -21,3 +24,12 @@ class LayoutError(MemattnError):
 
 class RecordError(MemattnError):
     """A record that cannot answer the question asked (too few steps, unknown layer, ...)."""
+
+
+def run_cli(app: Any) -> None:
+    """Run a typer app so that library errors become one line on stderr and exit code 2."""
+    try:
+        app()
+    except MemattnError as error:
+        sys.stderr.write(f"error: {error}\n")
+        raise SystemExit(2) from None

@@ -7,13 +7,12 @@ so ``--help`` stays fast. Runs under ``accelerate launch -m memattn.finetune_com
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from memattn.errors import MemattnError
+from memattn.errors import run_cli
 from memattn.quiet import quiet_loading
 
 
@@ -238,11 +237,7 @@ def main() -> None:
         """memattn fine-tuning."""
 
     register(app)
-    try:
-        app()
-    except MemattnError as error:
-        sys.stderr.write(f"error: {error}\n")
-        raise SystemExit(2) from None
+    run_cli(app)
 
 
 if __name__ == "__main__":

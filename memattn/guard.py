@@ -25,6 +25,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from memattn.detect import stop_after_first_step
 from memattn.detectors import NoiseDifference
 from memattn.edits import AttentionEdit
 from memattn.errors import MemattnError
@@ -144,15 +145,10 @@ class Guard:
     # ---- one call -----------------------------------------------------------------------------
     def score_prompts(self, prompts: list[str], **kwargs: Any) -> np.ndarray:
         """Step-1 scores only (one UNet call per batch: the run stops after the first step)."""
-
-        def stop(pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
-            pipe._interrupt = True
-            return tensors
-
         saved = self.threshold, self.mode
         self.threshold, self.mode = float("inf"), "continue"
         try:
-            out = self(prompts, callback_on_step_end=stop, output_type="latent", **kwargs)
+            out = self(prompts, callback_on_step_end=stop_after_first_step, output_type="latent", **kwargs)
         finally:
             self.threshold, self.mode = saved
         return np.array([v.score for v in out.verdicts])

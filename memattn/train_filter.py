@@ -50,6 +50,14 @@ Direction = Literal["high", "low"]
 MAD_SCALE = 1.4826  # MAD of a normal distribution × this = its standard deviation
 
 
+def _flat(values: Any, dtype: type = np.float64) -> np.ndarray:
+    """A tensor (or number) as a flat NumPy array on the host: the rules' statistics run there."""
+    tensor = torch.as_tensor(values).detach().cpu().reshape(-1)
+    if tensor.dtype != torch.bool:
+        tensor = tensor.double()  # bf16 has no NumPy dtype
+    return tensor.numpy().astype(dtype)
+
+
 def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``[batch]`` mean squared error of each sample (float32), the loss a filter masks."""
     return (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
@@ -110,7 +118,7 @@ class ThresholdRule:
     def _bins(self, timesteps: torch.Tensor | None, n: int) -> np.ndarray:
         if timesteps is None or self.timestep_bins == 1:
             return np.zeros(n, dtype=np.int64)
-        t = np.asarray(torch.as_tensor(timesteps).detach().cpu().reshape(-1).tolist(), dtype=np.float64)
+        t = _flat(timesteps)
         if t.size == 1 and n > 1:
             t = np.full(n, t[0])
         bins = np.floor(t * self.timestep_bins / self.num_train_timesteps).astype(np.int64)
@@ -126,13 +134,13 @@ class ThresholdRule:
         population_timesteps: torch.Tensor | None = None,
     ) -> np.ndarray:
         """Robust z-score of each score against its bin's reference; updates the running window."""
-        values = np.asarray(scores.detach().float().cpu().tolist(), dtype=np.float64).reshape(-1)
-        ok = np.ones(len(values), bool) if eligible is None else np.asarray(eligible.cpu().tolist(), bool)
+        values = _flat(scores)
+        ok = np.ones(len(values), bool) if eligible is None else _flat(eligible, bool)
         if population is None:
             reference = values[ok]
             reference_bins = self._bins(timesteps, len(values))[ok]
         else:
-            reference = np.asarray(population.detach().float().cpu().tolist(), dtype=np.float64)
+            reference = _flat(population)
             reference_bins = self._bins(population_timesteps, len(reference))
         bins = self._bins(timesteps, len(values))
         z = np.zeros(len(values))
@@ -160,7 +168,7 @@ class ThresholdRule:
         population_timesteps: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``[batch]`` bool keep-mask on the scores' device; ineligible samples are always kept."""
-        values = np.asarray(scores.detach().float().cpu().tolist(), dtype=np.float64).reshape(-1)
+        values = _flat(scores)
         if self.rule == "fixed":
             assert self.threshold is not None
             flagged = values >= self.threshold if self.drop == "high" else values <= self.threshold
@@ -170,7 +178,7 @@ class ThresholdRule:
             )
             flagged = z >= self.z if self.drop == "high" else z <= -self.z
         if eligible is not None:
-            flagged &= np.asarray(eligible.cpu().tolist(), bool)
+            flagged &= _flat(eligible, bool)
         return torch.from_numpy(~flagged).to(scores.device)
 
     def state_dict(self) -> dict[str, Any]:

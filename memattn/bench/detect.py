@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from memattn import scores
 from memattn.combined import CombinedDetector
-from memattn.detect import check_prompts
+from memattn.detect import check_prompts, stop_after_first_step
 from memattn.detectors import BE_LAYERS, NoiseDifference, bright_ending, step1_features
 from memattn.errors import MemattnError
 from memattn.metrics import tpr_at_fpr
@@ -40,11 +40,6 @@ class Collected:
     feature_names: list[str]
     seconds_full: float
     seconds_step1: float
-
-
-def _stop_after_first_step(pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
-    pipe._interrupt = True
-    return tensors
 
 
 def collect(
@@ -94,7 +89,7 @@ def collect(
 
         began = time.perf_counter()
         with trace(pipe) as quick, NoiseDifference(pipe, max_calls=1) as quick_noise:
-            call(callback_on_step_end=_stop_after_first_step)
+            call(callback_on_step_end=stop_after_first_step)
         seconds_step1 += time.perf_counter() - began
         began = time.perf_counter()
         last = steps - 1

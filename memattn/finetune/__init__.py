@@ -667,22 +667,9 @@ def from_testbed_recipe(
 
 
 __all__ = [
-    "FinetuneConfig",
-    "Finetuner",
-    "MitigationConfig",
-    "TrainData",
-    "finetune",
-    "from_testbed_recipe",
-    "latest_checkpoint",
+    "CHECKPOINTS",
     "load_folder_data",
     "load_testbed_data",
-    "read_log",
-    "untrained_testbed",
-]
-
-
-__all__ = [
-    "CHECKPOINTS",
     "LOG_FILE",
     "MITIGATIONS",
     "FinetuneConfig",

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from memattn.detect import stop_after_first_step
 from memattn.errors import MemattnError
 from memattn.scan.inputs import sha
 from memattn.scan.schema import ScanSettings
@@ -30,11 +31,6 @@ def quiet_truncation_warnings() -> Iterator[None]:
     finally:
         diffusers_logging.set_verbosity(saved[0])
         transformers_logging.set_verbosity(saved[1])
-
-
-def _stop_after_first_step(pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
-    pipe._interrupt = True
-    return callback_kwargs
 
 
 @dataclass
@@ -136,7 +132,7 @@ class BatchScorer:
         s = self.settings
         cfg = s.guidance_scale > 1
         generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
-        kwargs: dict[str, Any] = {} if s.full else {"callback_on_step_end": _stop_after_first_step}
+        kwargs: dict[str, Any] = {} if s.full else {"callback_on_step_end": stop_after_first_step}
         noise = NoiseDifference(self.pipe, max_calls=1) if cfg else None  # Wen's score needs CFG
         with torch.no_grad(), trace(self.pipe) as tr, noise or nullcontext():
             self.pipe(
