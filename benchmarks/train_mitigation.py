@@ -74,6 +74,7 @@ QUICK = TrainConfig(
 )
 RECIPES = {"fast": FAST, "full": TrainConfig(), "quick": QUICK}
 CLEAN_GROUPS = ("never_seen", "novel_composition")
+RANDOM_DROP_RATES = (0.1, 0.2, 0.3)
 TARGETS = {"copy_rate_ratio": 0.10, "alignment_drop": 0.02, "overhead": 1.05}
 
 
@@ -106,6 +107,12 @@ def rules(cal: Calibration, window: int) -> dict[str, MitigationConfig]:
         ),
         "noise-norm-z-running-high": MitigationConfig(kind="noise-norm", **z_running),
         "caption-aug": MitigationConfig(kind="caption-aug", caption_aug_prob=0.1, caption_aug_tokens=2),
+        # The control: blind drops at fixed rates. A filter earns its cost only if it beats this curve
+        # (copy rate vs drop rate) at its own drop rate.
+        **{
+            f"random-drop-{p:.1f}": MitigationConfig(kind="random-drop", drop_prob=p)
+            for p in RANDOM_DROP_RATES
+        },
     }
 
 
@@ -366,8 +373,28 @@ def run_one(
     return result
 
 
+def control_curve(results: dict[str, dict], measure: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(drop rate, measure) of `none` and the random-drop runs, sorted: what blind dropping buys."""
+    points = [(0.0, results["none"][measure])] + [
+        (r["drop_rate_captioned"], r[measure]) for n, r in results.items() if n.startswith("random-drop")
+    ]
+    if len(points) < 2:
+        return None
+    points.sort()
+    return np.array([p[0] for p in points]), np.array([p[1] for p in points])
+
+
+def at_drop_rate(curve: tuple[np.ndarray, np.ndarray] | None, rate: float) -> float:
+    """The control's value at ``rate``, interpolated; NaN beyond its largest drop rate (no extrapolation)."""
+    if curve is None or rate > curve[0][-1] + 1e-9:
+        return float("nan")
+    return float(np.interp(rate, *curve))
+
+
 def verdicts(results: dict[str, dict], timing: dict[str, dict] | None) -> dict[str, dict[str, Any]]:
     none = results["none"]
+    copy_curve = control_curve(results, "copy_rate_top")
+    align_curve = control_curve(results, "alignment_clean")
     out = {}
     for name, r in results.items():
         ratio = r["copy_rate_top"] / none["copy_rate_top"] if none["copy_rate_top"] > 0 else float("nan")
@@ -381,6 +408,8 @@ def verdicts(results: dict[str, dict], timing: dict[str, dict] | None) -> dict[s
                 r["alignment_clean"] >= none["alignment_clean"] - TARGETS["alignment_drop"]
             ),
             "meets_overhead_target": bool(over <= TARGETS["overhead"]),
+            "random_drop_copy_rate_at_same_drop_rate": at_drop_rate(copy_curve, r["drop_rate_captioned"]),
+            "random_drop_alignment_at_same_drop_rate": at_drop_rate(align_curve, r["drop_rate_captioned"]),
         }
     return out
 
@@ -388,7 +417,7 @@ def verdicts(results: dict[str, dict], timing: dict[str, dict] | None) -> dict[s
 def print_table(results: dict[str, dict], judged: dict[str, dict]) -> None:
     head = (
         f"{'rule':28} {'copy top':>8} {'templ':>6} {'align':>6} {'loss':>7} {'drop':>6} "
-        f"{'prec':>5} {'rec':>5} {'s/step':>7} {'x none':>6}  targets (copy/align/time)"
+        f"{'prec':>5} {'rec':>5} {'s/step':>7} {'x none':>6} {'blind':>6}  targets (copy/align/time)"
     )
     print(head)
     print("-" * len(head))
@@ -399,10 +428,11 @@ def print_table(results: dict[str, dict], judged: dict[str, dict]) -> None:
             for k in ("meets_copy_target", "meets_alignment_target", "meets_overhead_target")
         )
         per_step = r["training_seconds"] / max(r["steps"], 1)
+        blind = j["random_drop_copy_rate_at_same_drop_rate"]  # the control's copy rate at this drop rate
         print(
             f"{name:28} {r['copy_rate_top']:8.2f} {r['copy_rate_template']:6.2f} {r['alignment_clean']:6.3f} "
             f"{r['final_loss']:7.4f} {r['drop_rate']:6.1%} {r['precision']:5.2f} {r['recall']:5.2f} "
-            f"{per_step:7.3f} {j['overhead']:6.3f}  {marks}"
+            f"{per_step:7.3f} {j['overhead']:6.3f} {blind:6.2f}  {marks}"
         )
 
 
@@ -421,6 +451,13 @@ def main() -> None:
     parser.add_argument("--timing-steps", type=int, default=5, help="steps per rule per timing round")
     parser.add_argument("--timing-rounds", type=int, default=6)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument(
+        "--none-from-monitor",
+        action="store_true",
+        help="take the `none` row from the monitor run (its weights are bit-identical: "
+        "tests/test_finetune.py::test_monitoring_changes_no_weight) instead of training it again; "
+        "saves one full run on the full recipe. `none` is still timed side by side",
+    )
     args = parser.parse_args()
     if args.quick:
         args.eval_steps, args.eval_per_group, args.eval_seeds, args.eval_seeds_memorized = 4, 4, 1, 1
@@ -463,7 +500,16 @@ def main() -> None:
         raise SystemExit(f"unknown rules {unknown}; known: {', '.join(every)}")
     results = {}
     for name in chosen:
-        results[name] = run_one(name, every[name], base, recipe, out, args, truth)
+        if name == "none" and args.none_from_monitor:
+            results[name] = {
+                **monitor,
+                "rule": "none",
+                "mitigation": asdict(every["none"]),
+                "derived_from": "monitor run (bit-identical weights; its training seconds include the "
+                "monitor's extra pass, see the side-by-side timing for cost)",
+            }
+        else:
+            results[name] = run_one(name, every[name], base, recipe, out, args, truth)
         r = results[name]
         print(
             f"{name}: copy {r['copy_rate_top']:.2f}, align {r['alignment_clean']:.3f}, "
@@ -474,8 +520,10 @@ def main() -> None:
     from safetensors.torch import load_file
 
     unet = Path("pipeline") / "unet" / "diffusion_pytorch_model.safetensors"
-    a, b = (load_file(out / "runs" / n / unet) for n in ("monitor", "none"))
-    monitor_identical = all(torch.equal(a[k], b[k]) for k in a)
+    monitor_identical: bool | None = None  # not checked when `none` is the monitor run itself
+    if not args.none_from_monitor:
+        a, b = (load_file(out / "runs" / n / unet) for n in ("monitor", "none"))
+        monitor_identical = all(torch.equal(a[k], b[k]) for k in a)
 
     timing = overhead(
         base,

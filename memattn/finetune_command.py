@@ -36,7 +36,11 @@ def finetune(
         ),
     ] = "testbed",
     mitigation: Annotated[
-        str, typer.Option(help="none, entropy, noise-norm or caption-aug (docs/training.md).")
+        str,
+        typer.Option(
+            help="none, entropy, noise-norm, caption-aug, or random-drop (the control: drops "
+            "--drop-prob of the samples blind; docs/training.md)."
+        ),
     ] = "none",
     rule: Annotated[
         str | None,
@@ -66,6 +70,9 @@ def finetune(
         float, typer.Option(help="caption-aug: probability a caption gets random tokens (Somepalli: 0.1).")
     ] = 0.1,
     caption_aug_tokens: Annotated[int, typer.Option(help="caption-aug: random tokens inserted.")] = 2,
+    drop_prob: Annotated[
+        float, typer.Option(help="random-drop: probability each captioned sample is dropped.")
+    ] = 0.0,
     monitor: Annotated[
         bool,
         typer.Option(help="Log entropy and noise norm of every sample (extra cost; drops nothing more)."),
@@ -144,6 +151,7 @@ def finetune(
             layers=None if layers is None else tuple(x.strip() for x in layers.split(",") if x.strip()),
             caption_aug_prob=caption_aug_prob,
             caption_aug_tokens=caption_aug_tokens,
+            drop_prob=drop_prob,
             monitor=monitor,
         ),
         progress=progress,
@@ -221,11 +229,11 @@ def cli_args(config) -> list[str]:  # noqa: ANN001 (a FinetuneConfig; kept impor
             "--caption-aug-tokens",
             str(m.caption_aug_tokens),
         ]
+    if m.kind == "random-drop":
+        args += ["--drop-prob", repr(m.drop_prob)]
     if m.monitor:
         args += ["--monitor"]
     return args
-
-
 
 
 def main() -> None:

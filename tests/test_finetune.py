@@ -144,6 +144,28 @@ def test_caption_augmentation_changes_training(base, plain, tmp_path):
     assert not same_weights(plain, tmp_path)
 
 
+def test_random_drop_control_drops_blind_on_the_same_batches(base, plain, tmp_path):
+    """The control sees the batches `none` sees, drops only captioned samples, at about its rate."""
+    finetune(config(base, tmp_path, mitigation=MitigationConfig(kind="random-drop", drop_prob=0.5)))
+    log, reference = read_log(tmp_path), read_log(plain)
+    assert [e["ids"] for e in log] == [e["ids"] for e in reference]
+    assert [e["timesteps"] for e in log] == [e["timesteps"] for e in reference]
+    captioned = sum(e["n"] - len(e["no_caption"]) for e in log)
+    dropped = sum(e["dropped"] for e in log)
+    assert 0.25 * captioned < dropped < 0.75 * captioned  # 48 captioned draws at p = 0.5
+    assert all(not set(e["dropped_at"]) & set(e["no_caption"]) for e in log)
+    assert not same_weights(plain, tmp_path)
+    again = tmp_path / "again"
+    finetune(config(base, again, mitigation=MitigationConfig(kind="random-drop", drop_prob=0.5)))
+    assert [e["dropped_ids"] for e in read_log(again)] == [e["dropped_ids"] for e in log]
+
+
+@pytest.mark.parametrize("prob", [0.0, 1.0, -0.1])
+def test_random_drop_needs_a_probability_below_one(prob):
+    with pytest.raises(MemattnError, match="drop"):
+        MitigationConfig(kind="random-drop", drop_prob=prob)
+
+
 def test_resume_with_a_running_window_matches_an_uninterrupted_run(base, tmp_path):
     mitigation = MitigationConfig(kind="entropy", z=0.5, window=20, timestep_bins=2, min_samples=4)
     finetune(config(base, tmp_path / "straight", mitigation=mitigation))
@@ -180,6 +202,22 @@ def test_sigkill_then_resume_latest_is_bit_exact(base, tmp_path):
     finetune(replace(long, output_dir=str(tmp_path / "straight")))
     assert same_weights(tmp_path / "killed", tmp_path / "straight")
     assert [e["step"] for e in read_log(tmp_path / "killed")] == list(range(1, 31))
+
+
+def test_checkpoint_from_before_a_new_mitigation_option_still_resumes(base, tmp_path):
+    """A run checkpointed by a version without `drop_prob` (added later) resumes; a real change does not."""
+    finetune(config(base, tmp_path, max_train_steps=2))
+    state_file = latest_checkpoint(tmp_path) / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["config"]["mitigation"]["drop_prob"]
+    state_file.write_text(json.dumps(state))
+    finetune(config(base, tmp_path, max_train_steps=4, resume_from_checkpoint="latest"))
+    assert [e["step"] for e in read_log(tmp_path)] == [1, 2, 3, 4]
+    state = json.loads((latest_checkpoint(tmp_path) / "state.json").read_text())
+    state["config"]["mitigation"]["drop_prob"] = 0.5
+    (latest_checkpoint(tmp_path) / "state.json").write_text(json.dumps(state))
+    with pytest.raises(MemattnError, match="different recipe.*mitigation"):
+        finetune(config(base, tmp_path, max_train_steps=6, resume_from_checkpoint="latest"))
 
 
 def test_missing_corrupt_and_foreign_checkpoints_are_clear_errors(base, tmp_path):
@@ -288,6 +326,7 @@ def test_image_folder_data_through_the_typer_command(base, tmp_path):
         MitigationConfig(kind="entropy", z=1.5, window=64, timestep_bins=4, layers=(0, 6)),
         MitigationConfig(kind="noise-norm"),
         MitigationConfig(kind="caption-aug", caption_aug_prob=0.3),
+        MitigationConfig(kind="random-drop", drop_prob=0.25),
         MitigationConfig(monitor=True),
     ],
 )

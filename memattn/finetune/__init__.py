@@ -59,10 +59,12 @@ from memattn.finetune.config import (
     MITIGATIONS,
     PIPELINE,
     POSITION_KEYS,
+    RANDOM_DROP_STREAM,
     RUN_FILE,
     TEXT_CACHE_BYTES,
     FinetuneConfig,
     MitigationConfig,
+    saved_recipe,
 )
 from memattn.finetune.data import TrainData, load_folder_data, load_testbed_data
 from memattn.train_filter import (
@@ -284,6 +286,7 @@ class Finetuner:
         noisy: torch.Tensor,
         timesteps: torch.Tensor,
         eligible: torch.Tensor,
+        key: int,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         signals: dict[str, Any] = {}
         if self.entropy_filter is not None:
@@ -297,6 +300,10 @@ class Finetuner:
             signals["noise_norm"] = self.noise_filter.scores(noisy, timesteps, prediction, self.empty)
         kind = self.config.mitigation.kind
         keep = torch.ones(len(prediction), dtype=torch.bool)
+        if kind == "random-drop":  # its own stream: the batch's draws are the same as in `none`
+            coin = torch.Generator().manual_seed(key * 2_654_435_761 % (1 << 62) + RANDOM_DROP_STREAM)
+            dropped = torch.rand(len(prediction), generator=coin) < self.config.mitigation.drop_prob
+            keep = ~(dropped & eligible.cpu())
         active = {"entropy": self.entropy_filter, "noise-norm": self.noise_filter}.get(kind)
         if active is not None:
             scores = signals[active.signal].float().to(timesteps.device)
@@ -371,7 +378,7 @@ class Finetuner:
                     if self.prediction_type == "epsilon"
                     else self.noise_schedule.get_velocity(clean, noise, timesteps)
                 )
-                keep, signals = self._decide(prediction, noisy, timesteps, ~drop)
+                keep, signals = self._decide(prediction, noisy, timesteps, ~drop, key)
                 if bool(keep.all()):  # exactly diffusers' loss when nothing is dropped
                     loss = F.mse_loss(prediction.float(), target.float())
                 else:
@@ -489,8 +496,9 @@ class Finetuner:
             raise corrupt_checkpoint(path, f"state.json is unreadable: {error}") from None
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise corrupt_checkpoint(path, "state.json is not a memattn finetune checkpoint of this version")
-        if state.get("config") != self.config.recipe():
-            mine, theirs = self.config.recipe(), state.get("config") or {}
+        theirs = saved_recipe(state.get("config") or {})
+        if theirs != self.config.recipe():
+            mine = self.config.recipe()
             differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
             raise MemattnError(
                 f"checkpoint {path} was written by a different recipe (differs in: {', '.join(differ)}); "

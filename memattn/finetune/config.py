@@ -8,7 +8,7 @@ from typing import Any
 
 from memattn.errors import MemattnError
 
-MITIGATIONS = ("none", "entropy", "noise-norm", "caption-aug")
+MITIGATIONS = ("none", "entropy", "noise-norm", "caption-aug", "random-drop")
 CHECKPOINTS = "checkpoints"  # same layout as the testbed trainer (memattn.testbed.train)
 PIPELINE = "pipeline"
 LOG_FILE = "log.jsonl"
@@ -18,6 +18,7 @@ CHECKPOINT_FORMAT = 1
 POSITION_KEYS = ("dropped_at", "no_caption", "augmented")  # log fields that index the step's ids
 TEXT_CACHE_BYTES = 1 << 30  # pre-encode every caption when the embeddings fit in this much memory
 IMAGE_CACHE_BYTES = 1 << 30
+RANDOM_DROP_STREAM = 0x5EED  # offsets random-drop's coin stream from the batch sampler's seeds
 STEP_FREE_SCHEDULES = ("constant", "constant_with_warmup")  # LR schedules that ignore max_train_steps
 # Fields that may change between a run and its resumption (they say where to stop or write, not how).
 RESUMABLE_FIELDS = (
@@ -35,7 +36,10 @@ class MitigationConfig:
     """Which mitigation runs and its rule (docs/training.md). ``rule=None`` becomes entropy → zscore,
     noise-norm → fixed (Wen's); ``threshold=None`` for noise-norm's fixed rule becomes Wen's τ = 2.
     ``monitor``: also compute and log both signals (entropy via the probe, noise norm via an extra
-    pass) for every sample, whatever the mitigation; costs time, changes no weights."""
+    pass) for every sample, whatever the mitigation; costs time, changes no weights.
+    ``random-drop``: the control for a filter — drop each captioned sample with probability
+    ``drop_prob``, blind to any signal; a filter is only worth its cost if it beats this at its own
+    drop rate."""
 
     kind: str = "none"
     rule: str | None = None
@@ -48,6 +52,7 @@ class MitigationConfig:
     layers: tuple[int | str, ...] | None = None
     caption_aug_prob: float = 0.1
     caption_aug_tokens: int = 2
+    drop_prob: float = 0.0
     monitor: bool = False
 
     def __post_init__(self) -> None:
@@ -59,6 +64,10 @@ class MitigationConfig:
             )
             object.__setattr__(self, "layers", layers)
         # Store the per-kind defaults, so a config and its command line compare equal.
+        if not 0.0 <= self.drop_prob < 1.0:
+            raise MemattnError(f"drop_prob={self.drop_prob}: a probability in [0, 1) is needed")
+        if self.kind == "random-drop" and self.drop_prob == 0.0:
+            raise MemattnError("--mitigation random-drop needs --drop-prob above 0 (e.g. 0.2)")
         if self.rule is None and self.kind in ("entropy", "noise-norm"):
             object.__setattr__(self, "rule", "fixed" if self.kind == "noise-norm" else "zscore")
         if self.kind == "noise-norm" and self.rule == "fixed" and self.threshold is None:
@@ -67,6 +76,8 @@ class MitigationConfig:
     def describe(self) -> str:
         if self.kind == "caption-aug":
             return f"caption-aug: p={self.caption_aug_prob:g}, {self.caption_aug_tokens} random tokens"
+        if self.kind == "random-drop":
+            return f"random-drop: p={self.drop_prob:g} (control)"
         if self.kind == "none":
             return "none" + (" (monitoring entropy and noise norm)" if self.monitor else "")
         return f"{self.kind}: {self.rule}" + ("" if self.threshold is None else f" {self.threshold:g}")
@@ -134,3 +145,13 @@ class FinetuneConfig:
         if self.lr_scheduler not in STEP_FREE_SCHEDULES:
             free.discard("max_train_steps")
         return {k: v for k, v in raw.items() if k not in free}
+
+
+def saved_recipe(saved: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's recorded recipe with mitigation options added since it was written set to their
+    defaults (they cannot have been used then), so an older run still resumes."""
+    mitigation = saved.get("mitigation")
+    if not isinstance(mitigation, dict):
+        return saved
+    defaults = json.loads(json.dumps(asdict(MitigationConfig())))
+    return {**saved, "mitigation": {**defaults, **mitigation}}
