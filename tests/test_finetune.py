@@ -379,3 +379,41 @@ def test_benchmark_quick_run(tmp_path):
     assert report["results"]["caption-aug"]["augmented_rate"] > 0.0
     assert "entropy" in report["monitor_signal_analysis"]
     assert "rule" in result.stdout and "monitor weights identical to none: True" in result.stdout
+    control = report["results"]["random-drop-0.3"]
+    assert 0.0 < control["drop_rate_captioned"] < 0.7 and control["mitigation"]["kind"] == "random-drop"
+    none = report["verdicts"]["none"]
+    assert none["random_drop_copy_rate_at_same_drop_rate"] == report["results"]["none"]["copy_rate_top"]
+    figure = subprocess.run(
+        [
+            sys.executable,
+            str(root / "benchmarks" / "train_mitigation_figure.py"),
+            str(out / "results.json"),
+            "--json",
+            str(tmp_path / "merged.json"),
+            "--out",
+            str(tmp_path / "figure.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert figure.returncode == 0, figure.stderr[-3000:]
+    assert (tmp_path / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| random-drop-0.3 |" in figure.stdout
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    assert merged["results"].keys() == report["results"].keys()
+
+
+def test_random_drop_control_curve_interpolates_and_never_extrapolates():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from train_mitigation import at_drop_rate, control_curve
+
+    rows = {
+        "none": {"copy_rate_top": 1.0, "drop_rate_captioned": 0.0},
+        "random-drop-0.2": {"copy_rate_top": 0.8, "drop_rate_captioned": 0.2},
+        "noise-norm": {"copy_rate_top": 0.1, "drop_rate_captioned": 0.1},  # not part of the control
+    }
+    curve = control_curve(rows, "copy_rate_top")
+    assert at_drop_rate(curve, 0.1) == pytest.approx(0.9)
+    assert np.isnan(at_drop_rate(curve, 0.3))
+    assert control_curve({"none": rows["none"]}, "copy_rate_top") is None
