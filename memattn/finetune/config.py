@@ -63,11 +63,11 @@ class MitigationConfig:
                 int(x) if isinstance(x, str) and x.lstrip("-").isdigit() else x for x in self.layers
             )
             object.__setattr__(self, "layers", layers)
-        # Store the per-kind defaults, so a config and its command line compare equal.
         if not 0.0 <= self.drop_prob < 1.0:
-            raise MemattnError(f"drop_prob={self.drop_prob}: a probability in [0, 1) is needed")
+            raise MemattnError(f"drop-prob must be a probability in [0, 1), got {self.drop_prob}")
         if self.kind == "random-drop" and self.drop_prob == 0.0:
             raise MemattnError("--mitigation random-drop needs --drop-prob above 0 (e.g. 0.2)")
+        # Store the per-kind defaults, so a config and its command line compare equal.
         if self.rule is None and self.kind in ("entropy", "noise-norm"):
             object.__setattr__(self, "rule", "fixed" if self.kind == "noise-norm" else "zscore")
         if self.kind == "noise-norm" and self.rule == "fixed" and self.threshold is None:
