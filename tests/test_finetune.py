@@ -4,6 +4,7 @@ atomic checkpoints and clear errors for missing or corrupt ones, image-folder da
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -348,6 +349,46 @@ def test_cli_args_round_trip_the_config(base, tmp_path, monkeypatch, mitigation)
     assert captured["config"].recipe() == cfg.recipe()
     with pytest.raises(MemattnError, match="unknown mitigation"):
         MitigationConfig(kind="dropout")
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_gather_the_rule_and_resume_bit_exact(base, tmp_path):
+    """`torchrun --nproc_per_node 2` on CPU (gloo): one log of both processes' samples, decisions taken on
+    the gathered batch (as one process would on all 16), and a split + resumed run equal to a straight one."""
+    from memattn.train_filter import ThresholdRule
+
+    mitigation = MitigationConfig(kind="entropy", z=0.5, min_samples=4)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+
+    def launch(out: Path, steps: int, resume: bool = False) -> None:
+        cfg = config(base, out, mitigation=mitigation, max_train_steps=steps)
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        command += ["-m", "memattn.finetune_command", "finetune", *cli_args(cfg), "--no-progress"]
+        command += ["--resume-from-checkpoint", "latest"] if resume else []
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    launch(tmp_path / "straight", 4)
+    log = read_log(tmp_path / "straight")
+    assert [e["n"] for e in log] == [16, 16, 16, 16]
+    for e in log:
+        eligible = torch.ones(16, dtype=torch.bool)
+        eligible[e["no_caption"]] = False
+        rule = ThresholdRule("zscore", z=0.5, min_samples=4)  # one process, the whole gathered batch
+        keep = rule.decide(torch.tensor(e["entropy"]), None, eligible)
+        assert e["dropped_at"] == [i for i, k in enumerate(keep.tolist()) if not k]
+    assert sum(e["dropped"] for e in log) > 0
+    launch(tmp_path / "split", 2)
+    launch(tmp_path / "split", 4, resume=True)
+    assert same_weights(tmp_path / "straight", tmp_path / "split")
+    assert [e["dropped_ids"] for e in read_log(tmp_path / "split")] == [e["dropped_ids"] for e in log]
+
+
+def test_a_multi_process_launch_accelerate_does_not_see_is_a_clear_error(base, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets; accelerate on CPU needs ACCELERATE_USE_CPU
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    with pytest.raises(MemattnError, match="launched as 2 processes but accelerate runs 1.*ACCELERATE_USE"):
+        Finetuner(config(base, tmp_path))
 
 
 def test_bf16_mixed_precision_runs_on_cpu(base, tmp_path):

@@ -122,6 +122,13 @@ class Finetuner:
             )
         except (ValueError, RuntimeError) as error:
             raise MemattnError(f"accelerate refused the setup: {error}") from None
+        launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if launched > 1 and self.accelerator.num_processes == 1:  # each would write the same run alone
+            raise MemattnError(
+                f"launched as {launched} processes but accelerate runs {self.accelerator.num_processes}: "
+                "without GPUs set ACCELERATE_USE_CPU=1 (gloo), e.g. `ACCELERATE_USE_CPU=1 torchrun "
+                "--nproc_per_node N -m memattn.finetune_command finetune ...`, or use `accelerate launch`"
+            )
         device = self.accelerator.device
         self.weight_dtype = _weight_dtype(config.mixed_precision)
         self.base = Path(resolve_model(config.model))
