@@ -232,6 +232,38 @@ def signal_analysis(log: list[dict], truth: dict[int, dict], bins: int = 10) -> 
     return out
 
 
+def phase_analysis(log: list[dict], truth: dict[int, dict], phases: int = 6) -> dict[str, Any]:
+    """AUC of each signal for the most duplicated items vs seen-once samples, per sixth of training and
+    timestep half: whether (and when) the signal that a rule would threshold tells them apart."""
+    from sklearn.metrics import roc_auc_score
+
+    rows = samples(log)
+    group = [truth[r["id"]]["group"] for r in rows]
+    duplication = [truth[r["id"]]["duplication"] for r in rows]
+    top_count = max(
+        (d for g, d in zip(group, duplication, strict=True) if g == "memorized_matching"), default=0
+    )
+    top = np.array(
+        [g == "memorized_matching" and d == top_count for g, d in zip(group, duplication, strict=True)]
+    )
+    once = np.array([g == "seen_once" for g in group])
+    step, t = np.array([r["step"] for r in rows]), np.array([r["t"] for r in rows])
+    edges = np.linspace(0, len(log), phases + 1).astype(int)
+    out: dict[str, Any] = {"positives": f"memorized_matching x{top_count}", "negatives": "seen_once"}
+    for signal in ("entropy", "noise_norm"):
+        values = np.array([r[signal] for r in rows])
+        table = []
+        for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+            row: dict[str, Any] = {"steps": f"{lo + 1}-{hi}"}
+            for name, (t_lo, t_hi) in {"t<333": (0, 333), "t>=333": (333, 1000)}.items():
+                mask = (step > lo) & (step <= hi) & (t >= t_lo) & (t < t_hi) & (top | once)
+                if top[mask].any() and once[mask].any():
+                    row[name] = float(roc_auc_score(top[mask], values[mask]))
+            table.append(row)
+        out[signal] = table
+    return out
+
+
 def calibrate(log: list[dict]) -> Calibration:
     rows = samples(log, since=0.5)
     entropy = np.array([r["entropy"] for r in rows])
@@ -488,6 +520,7 @@ def main() -> None:
     monitor = run_one("monitor", MitigationConfig(monitor=True), base, recipe, out, args, truth)
     monitor_log = read_log(out / "runs" / "monitor")
     analysis = signal_analysis(monitor_log, truth)
+    analysis["by_phase_top_vs_seen_once"] = phase_analysis(monitor_log, truth)
     cal = calibrate(monitor_log)
     print(f"monitor: {json.dumps(analysis, indent=None)[:600]}\ncalibration: {cal}", flush=True)
 
