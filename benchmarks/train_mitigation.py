@@ -17,7 +17,9 @@ Rules that need a number get it label-free from a first ``monitor`` run (``--mit
 --monitor``: both signals logged for every sample, weights identical to ``none``): a fixed threshold
 is the 90th (drop high) or 10th (drop low) percentile of the monitor run's scores over the second half
 of training. The monitor run also says which signal separates duplicates at all (AUC of each signal,
-per layer, within timestep bins); which direction works is measured, both are run.
+per layer, within timestep bins, and per sixth of training for the most duplicated items vs seen-once
+ones); which direction works is measured, both are run. The ``random-drop-*`` rules are the control:
+blind drops at 10/20/30 %, and every rule is compared with them at its own drop rate.
 
 Usage:
     .venv/bin/python benchmarks/train_mitigation.py --out artifacts/train-mitigation   # fast recipe

@@ -97,13 +97,14 @@ def figure(merged: dict[str, Any], out: Path) -> None:
         (axes[0], "copy_rate_top", "copy rate of the most duplicated items"),
         (axes[1], "alignment_clean", "alignment on clean prompts"),
     ):
-        ax.plot(
-            [p[0] for p in control],
-            [p[1][measure] for p in control],
-            "--",
-            color="tab:gray",
-            label="random drop (control)",
-        )
+        if len(control) > 1:  # `none` alone is no curve: no control was run
+            ax.plot(
+                [p[0] for p in control],
+                [p[1][measure] for p in control],
+                "--",
+                color="tab:gray",
+                label="random drop (control)",
+            )
         for i, (name, r) in enumerate(results.items()):
             kind = r["mitigation"]["kind"]
             x, y = r["drop_rate_captioned"], r[measure]
@@ -115,7 +116,8 @@ def figure(merged: dict[str, Any], out: Path) -> None:
         ax.grid(alpha=0.3)
     for kind, colour in FAMILY_COLOURS.items():
         axes[1].scatter([], [], color=colour, label=kind)
-    axes[0].legend(loc="lower left")
+    if len(control) > 1:
+        axes[0].legend(loc="lower left")
     axes[1].legend(loc="lower left", fontsize=8)
     fig.suptitle(
         f"training-time mitigation on the memattn testbed ({merged['recipe']} recipe, same seed and budget)"
