@@ -19,7 +19,7 @@ is the 90th (drop high) or 10th (drop low) percentile of the monitor run's score
 of training. The monitor run also says which signal separates duplicates at all (AUC of each signal,
 per layer, within timestep bins, and per sixth of training for the most duplicated items vs seen-once
 ones); which direction works is measured, both are run. The ``random-drop-*`` rules are the control:
-blind drops at 10/20/30 %, and every rule is compared with them at its own drop rate.
+blind drops at 10/20/30/50 %, and every rule is compared with them at its own drop rate.
 
 Usage:
     .venv/bin/python benchmarks/train_mitigation.py --out artifacts/train-mitigation   # fast recipe
@@ -76,7 +76,7 @@ QUICK = TrainConfig(
 )
 RECIPES = {"fast": FAST, "full": TrainConfig(), "quick": QUICK}
 CLEAN_GROUPS = ("never_seen", "novel_composition")
-RANDOM_DROP_RATES = (0.1, 0.2, 0.3)
+RANDOM_DROP_RATES = (0.1, 0.2, 0.3, 0.5)  # the fast recipe ran the first three
 TARGETS = {"copy_rate_ratio": 0.10, "alignment_drop": 0.02, "overhead": 1.05}
 
 
