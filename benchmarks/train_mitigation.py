@@ -53,6 +53,7 @@ from memattn.finetune import (
     untrained_testbed,
 )
 from memattn.finetune_command import cli_args
+from memattn.quiet import quiet_loading
 from memattn.testbed.data import MEMORIZED_GROUPS, TestbedConfig
 from memattn.testbed.model import ModelConfig
 from memattn.testbed.train import FAST, TrainConfig
@@ -496,13 +497,7 @@ def main() -> None:
     if args.quick:
         args.eval_steps, args.eval_per_group, args.eval_seeds, args.eval_seeds_memorized = 4, 4, 1, 1
         args.timing_steps, args.timing_rounds, args.window = 1, 2, 16
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
+    quiet_loading()
 
     recipe = RECIPES["quick" if args.quick else args.recipe]
     out = args.out

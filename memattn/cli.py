@@ -363,8 +363,6 @@ def testbed_report(
     console.print(f"report: {report}  ({seconds:.0f} s of generation and scoring)")
 
 
-
-
 def main() -> None:
     """Entry point: library errors become one line on stderr and exit code 2."""
     run_cli(app)

@@ -94,10 +94,13 @@ class AttentionEdit:
                 "memattn.mitigate(..., lengths=[...]) when calling it with prompt_embeds"
             )
         rows = None if rows_mask is None else rows_mask.to(key.device)
-        if self.c != 1.0:
-            factor = torch.ones(batch, dtype=key.dtype, device=key.device)
-            factor[cond_rows] = self.c if rows is None else torch.where(rows, self.c, 1.0).to(key.dtype)
-            key = torch.cat([key[:, :, :1] * factor[:, None, None, None], key[:, :, 1:]], dim=2)
+        if self.c != 1.0:  # one copy of the key (the layer's own stays untouched), then C on BOS in place
+            key = key.clone()
+            bos = key[cond_rows, :, :1]
+            if rows is None:
+                bos *= self.c
+            else:  # the guard: only the flagged rows
+                bos *= torch.where(rows, self.c, 1.0).to(key.dtype)[:, None, None, None]
         if not (self.mask_padding or self.mask_prompt or self.prompt_penalty):
             return key, None
         eos = tuple(layout.eos_index for layout in layouts)

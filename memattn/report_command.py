@@ -54,5 +54,3 @@ def register(app: typer.Typer) -> None:
             device=device, dtype=dtype,
         )
         Console().print(f"report: {path}")
-
-

@@ -137,5 +137,3 @@ def scan(
         highlight=False,
         soft_wrap=True,
     )
-
-

@@ -258,14 +258,18 @@ class Finetuner:
                 self.tokenizer, m.caption_aug_prob, m.caption_aug_tokens, seed=self.config.seed
             )
 
+    @property
+    def _active_filter(self) -> EntropyFilter | NoiseNormFilter | None:
+        """The filter whose rule decides the keep-mask (a monitor-only filter just logs its scores)."""
+        filters = {"entropy": self.entropy_filter, "noise-norm": self.noise_filter}
+        return filters.get(self.config.mitigation.kind)
+
     def _filters_state(self) -> dict[str, Any]:
-        kind = self.config.mitigation.kind
-        active = {"entropy": self.entropy_filter, "noise-norm": self.noise_filter}.get(kind)
+        active = self._active_filter
         return active.state_dict() if active is not None else {}
 
     def _load_filters_state(self, state: dict[str, Any]) -> None:
-        kind = self.config.mitigation.kind
-        active = {"entropy": self.entropy_filter, "noise-norm": self.noise_filter}.get(kind)
+        active = self._active_filter
         if active is not None:
             active.load_state_dict(state)
 
@@ -311,7 +315,7 @@ class Finetuner:
             coin = torch.Generator().manual_seed(key * 2_654_435_761 % (1 << 62) + RANDOM_DROP_STREAM)
             dropped = torch.rand(len(prediction), generator=coin) < self.config.mitigation.drop_prob
             keep = ~(dropped & eligible.cpu())
-        active = {"entropy": self.entropy_filter, "noise-norm": self.noise_filter}.get(kind)
+        active = self._active_filter
         if active is not None:
             scores = signals[active.signal].float().to(timesteps.device)
             population = None

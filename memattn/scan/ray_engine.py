@@ -152,8 +152,6 @@ class ScanActor:
         return pa.Table.from_pylist(rows, schema=OUT_SCHEMA)
 
 
-
-
 # ---- the cluster -------------------------------------------------------------------------------------
 
 
