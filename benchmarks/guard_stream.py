@@ -2,13 +2,16 @@
 
 Calibration: the threshold that flags 1 % of 400 clean calibration prompts (seen once + never seen).
 Stream (disjoint from calibration): the 128-copy matching items and 32 template items (memorized),
-and rare-word + novel-composition prompts (clean), 2 seeds each. For each score (E, Wen) and mode
+and rare-word + novel-composition prompts (clean), 2 seeds each; on testbed v2 (no templates, no novel
+compositions) the clean half is rare-word + never-seen prompts not used for calibration. For each score
+(E in the default layer, E in ``--layer`` if given, Wen) and mode
 (continue, restart): share flagged per kind, copy rate of memorized generations with and without the
 guard, attribute alignment of clean generations, the largest change of an unflagged clean image, and
 the stream's wall time relative to the unguarded pipeline (measured in the same run), and the AUC of the
 step-1 score on the stream (memorized vs clean).
 
-Usage: .venv/bin/python benchmarks/guard_stream.py [--steps 25] [--guidance 2] [--json F]
+Usage: .venv/bin/python benchmarks/guard_stream.py [--model testbed|testbed-detail] [--layer NAME]
+       [--steps 25] [--guidance 2] [--json F]
 """
 
 from __future__ import annotations
@@ -24,11 +27,11 @@ import numpy as np
 import torch
 
 from memattn.guard import Guard, threshold_at_fpr
-from memattn.loading import BUNDLED_TESTBED, load_pipeline
+from memattn.loading import load_pipeline, resolve_model
 from memattn.metrics import detection_metrics
 from memattn.testbed.alignment import CLASSIFIER_FILE, alignment, load_classifier
-from memattn.testbed.evaluate import dataset_for
-from memattn.testbed.measures import DEFAULT_COPY_THRESHOLD, DetailMatcher
+from memattn.testbed.evaluate import dataset_for, scene_of
+from memattn.testbed.measures import DetailMatcher, OwnImageMatcher, copy_threshold_for
 
 
 def main() -> None:
@@ -36,20 +39,29 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=2.0)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--model", default="testbed", help="testbed (v2), testbed-detail (v1) or a directory")
+    parser.add_argument("--layer", help="also guard with E in this layer (name or index)")
     args = parser.parse_args()
     print(f"$ {' '.join(sys.argv)}")
     print(f"machine: {platform.platform()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    dataset = dataset_for(BUNDLED_TESTBED)
-    pipe = load_pipeline(str(BUNDLED_TESTBED))
-    classifier, _ = load_classifier(BUNDLED_TESTBED / CLASSIFIER_FILE)
+    model = Path(resolve_model(args.model))
+    dataset = dataset_for(model)
+    scene = scene_of(model)
+    pipe = load_pipeline(str(model))
+    classifier, _ = load_classifier(model / CLASSIFIER_FILE)
     train_items = [item for item in dataset.items if item.duplication > 0]
-    matcher = DetailMatcher.for_items(dataset, train_items)
+    groups = dataset.prompt_groups()
     calibration = [i.caption for i in dataset.group("seen_once")[:300]] + [
         i.caption for i in dataset.group("never_seen")[:100]
     ]
     memorized = [i for i in dataset.group("memorized_matching") if i.duplication == 128]
-    memorized += list(dataset.group("memorized_template")[:32])
-    clean = list(dataset.group("rare_word_seen_once")[:32]) + list(dataset.group("novel_composition")[:32])
+    if "memorized_template" in groups:
+        memorized += list(dataset.group("memorized_template")[:32])
+    held_out = "novel_composition" if "novel_composition" in groups else "never_seen"
+    start = 0 if held_out == "novel_composition" else 100  # never-seen prompts after the calibration ones
+    clean = list(dataset.group("rare_word_seen_once")[:32]) + list(
+        dataset.group(held_out)[start : start + 32]
+    )
     stream = [(item, seed) for item in memorized + clean for seed in range(2)]
     is_memorized = np.array([item.group.startswith("memorized") for item, _ in stream])
     kwargs = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, output_type="np")
@@ -60,9 +72,21 @@ def main() -> None:
             gens = [torch.Generator().manual_seed(1000 * seed + item.item_id) for item, seed in batch]
             yield [item.caption for item, _ in batch], gens
 
+    threshold_copy = copy_threshold_for(scene)
+    if scene == "object":
+        own = OwnImageMatcher(dataset, train_items, list(dataset.group("memorized_matching")))
+
+        def similarity(generated: np.ndarray) -> np.ndarray:
+            return own.match(generated, [item.item_id for item, _ in stream]).similarity
+    else:
+        detail = DetailMatcher.for_items(dataset, train_items)
+
+        def similarity(generated: np.ndarray) -> np.ndarray:
+            return detail.match(generated).similarity
+
     def measure(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         generated = images.transpose(0, 3, 1, 2) * 2 - 1
-        copies = matcher.match(generated).similarity > DEFAULT_COPY_THRESHOLD
+        copies = similarity(generated) > threshold_copy
         aligned = alignment(classifier, generated, [item.attributes for item, _ in stream]).accuracy
         return copies, aligned
 
@@ -77,8 +101,9 @@ def main() -> None:
     results = {
         "plain": {"seconds": plain_seconds, "copy_rate_memorized": float(plain_copies[is_memorized].mean())}
     }
-    for score in ("e", "wen"):
-        scorer = Guard(pipe, threshold=float("inf"), score=score)
+    guards = [("e", None), ("wen", None)] + ([("e", args.layer)] if args.layer else [])
+    for score, layer in guards:
+        scorer = Guard(pipe, threshold=float("inf"), score=score, layer=layer)
         clean_scores = np.concatenate(
             [
                 scorer.score_prompts(
@@ -94,7 +119,7 @@ def main() -> None:
         )
         threshold = threshold_at_fpr(clean_scores, 0.01)
         for mode in ("continue", "restart"):
-            guard = Guard(pipe, threshold=threshold, score=score, mode=mode)
+            guard = Guard(pipe, threshold=threshold, score=score, mode=mode, layer=layer)
             started = time.perf_counter()
             outputs = [guard(prompts, generator=g, **kwargs) for prompts, g in batches()]
             seconds = time.perf_counter() - started
@@ -118,9 +143,10 @@ def main() -> None:
                 "time_ratio": seconds / plain_seconds,
                 "score_auc_memorized_vs_clean": auc,
             }
-            results[f"{score}/{mode}"] = row
+            name = score if layer is None else f"e@{layer}"
+            results[f"{name}/{mode}"] = row
             print(
-                f"{score:3} {mode:8} flagged memorized {row['flagged_memorized']:.2f} "
+                f"{name:3} {mode:8} flagged memorized {row['flagged_memorized']:.2f} "
                 f"clean {row['flagged_clean']:.2f} | "
                 f"copy rate {plain_copies[is_memorized].mean():.2f} -> {row['copy_rate_memorized']:.2f} | "
                 f"clean alignment {row['clean_alignment_unguarded']:.3f} -> {row['clean_alignment']:.3f} | "

@@ -29,13 +29,13 @@ def print_summary(summary: dict) -> None:
     print(header + f" {'BOS':>6} {'prompt':>7} {'summary':>8}")
     for name, g in summary["groups"].items():
         print(
-            f"{name:22} {g['n']:>4} {g['copy_rate']:>6.2f} {g['median_detail_similarity']:>8.3f} "
+            f"{name:22} {g['n']:>4} {g['copy_rate']:>6.2f} {g['median_copy_similarity']:>8.3f} "
             f"{g['pixel_copy_rate_0.9']:>7.2f} {g['alignment']:>6.3f} {g['all_attributes_right']:>5.2f} "
             f"{g['bos_share']:>6.3f} {g['prompt_share']:>7.3f} {g['summary_share']:>8.3f}"
         )
         if "copy_rate_by_duplication" in g:
             print(f"{'':22} copy rate by duplication: {g['copy_rate_by_duplication']}")
-    print(f"non-memorized detail similarity: {summary['non_memorized_detail_similarity']}")
+    print(f"non-memorized detail similarity: {summary['non_memorized_copy_similarity']}")
     for key, value in summary["detection_vs_non_memorized"].items():
         if isinstance(value, list):
             print(f"{key}: " + ", ".join(f"{v:.3f}" for v in value))

@@ -56,7 +56,7 @@ from memattn.finetune_command import cli_args
 from memattn.quiet import quiet_loading
 from memattn.testbed.data import MEMORIZED_GROUPS, TestbedConfig
 from memattn.testbed.model import ModelConfig
-from memattn.testbed.train import FAST, TrainConfig
+from memattn.testbed.train import DETAIL, DETAIL_FAST, TrainConfig
 
 QUICK = TrainConfig(
     steps=8,
@@ -75,7 +75,7 @@ QUICK = TrainConfig(
     ),
     model=ModelConfig(block_out_channels=(32, 32, 32), text_hidden=32, text_layers=1),
 )
-RECIPES = {"fast": FAST, "full": TrainConfig(), "quick": QUICK}
+RECIPES = {"fast": DETAIL_FAST, "full": DETAIL, "quick": QUICK}  # testbed v1 (testbed-detail) recipes
 CLEAN_GROUPS = ("never_seen", "novel_composition")
 RANDOM_DROP_RATES = (0.1, 0.2, 0.3, 0.5)  # the fast recipe ran the first three
 TARGETS = {"copy_rate_ratio": 0.10, "alignment_drop": 0.02, "overhead": 1.05}
@@ -298,7 +298,7 @@ def generation_measures(model: Path, args: argparse.Namespace) -> dict[str, Any]
     top = max((r["duplication"] for r in matching), default=0)
     by_dup = {
         str(d): float(
-            np.mean([r["detail_similarity"] > threshold for r in matching if r["duplication"] == d])
+            np.mean([r["copy_similarity"] > threshold for r in matching if r["duplication"] == d])
         )
         for d in sorted({r["duplication"] for r in matching})
     }
@@ -311,13 +311,13 @@ def generation_measures(model: Path, args: argparse.Namespace) -> dict[str, Any]
 
     return {
         "top_duplication": top,
-        "copy_rate_top": mean([r["detail_similarity"] > threshold for r in heavy]),
-        "similarity_top": mean([r["detail_similarity"] for r in heavy]),
+        "copy_rate_top": mean([r["copy_similarity"] > threshold for r in heavy]),
+        "similarity_top": mean([r["copy_similarity"] for r in heavy]),
         "copy_rate_by_duplication": by_dup,
-        "copy_rate_template": mean([r["detail_similarity"] > threshold for r in template]),
+        "copy_rate_template": mean([r["copy_similarity"] > threshold for r in template]),
         "alignment_clean": mean([r["alignment"] for r in clean]),
         "all_attributes_clean": mean([r["alignment"] == 1.0 for r in clean]),
-        "copy_rate_clean": mean([r["detail_similarity"] > threshold for r in clean]),
+        "copy_rate_clean": mean([r["copy_similarity"] > threshold for r in clean]),
         "generations": len(rows),
     }
 

@@ -126,8 +126,13 @@ def calibrate(
         ).tolist()
     threshold = threshold_at_fpr(scores, fpr)
     calibration = Calibration(
-        score=score, threshold=threshold, fpr=fpr, n_clean=len(scores), layer=layer,
-        guidance_scale=guidance, model=str(model),
+        score=score,
+        threshold=threshold,
+        fpr=fpr,
+        n_clean=len(scores),
+        layer=layer,
+        guidance_scale=guidance,
+        model=str(model),
     )
     try:
         calibration.save(target)
@@ -235,13 +240,40 @@ app.add_typer(testbed_app, name="testbed")
 def testbed_train(
     out: Annotated[Path, typer.Option(help="Run directory: checkpoints/ and the exported pipeline/.")],
     fast: Annotated[bool, typer.Option(help="The small recipe (a few minutes; used by CI).")] = False,
+    detail: Annotated[
+        bool, typer.Option(help="Testbed v1 (fine-detail memorization, 'testbed-detail') instead of v2.")
+    ] = False,
     steps: Annotated[int | None, typer.Option(help="Override the recipe's number of steps.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Override the recipe's seed (data and weights).")] = None,
+    text_encoder: Annotated[
+        str | None,
+        typer.Option(help="Override the text encoder: random, contrastive or contrastive-eoscopy."),
+    ] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint in --out.")] = True,
 ) -> None:
     """Train the testbed model (seeded, resumable); writes OUT/pipeline, loadable with from_pretrained."""
-    from memattn.testbed.train import FAST, TrainConfig, train, with_steps
+    from dataclasses import replace
 
-    config = with_steps(FAST if fast else TrainConfig(), steps)
+    from memattn.testbed.train import DETAIL, DETAIL_FAST, OBJECTS, OBJECTS_FAST, train, with_steps
+
+    recipes = {
+        (False, False): OBJECTS,
+        (True, False): OBJECTS_FAST,
+        (False, True): DETAIL,
+        (True, True): DETAIL_FAST,
+    }
+    config = with_steps(recipes[(fast, detail)], steps)
+    if steps is not None and steps < 1:
+        raise MemattnError(f"--steps must be >= 1, got {steps}")
+    if seed is not None:
+        if seed < 0:
+            raise MemattnError(f"--seed must be >= 0, got {seed}")
+        config = replace(config, seed=seed)
+    if text_encoder is not None:
+        pretrain = config.text_pretrain_steps or OBJECTS.text_pretrain_steps
+        config = replace(
+            config, text_encoder=text_encoder, text_pretrain_steps=0 if text_encoder == "random" else pretrain
+        )
     target = train(config, out, resume=resume)
     Console().print(f"testbed pipeline written to {target}")
 
@@ -306,8 +338,11 @@ def testbed_report(
         float, typer.Option(help="Classifier-free guidance scale; 1 = no CFG (one conditional pass).")
     ] = 2.0,
     steps: Annotated[int, typer.Option(help="DDIM steps.")] = 25,
+    mitigation: Annotated[
+        bool, typer.Option(help="Also generate the 128x and never-seen prompts under the paper's mitigation.")
+    ] = True,
 ) -> None:
-    """Generate every ground-truth group, score D/E/E-per-layer, measure copies and alignment, report."""
+    """Generate every ground-truth group, score every detector, measure copies and alignment, report."""
     import time
 
     quiet_loading()
@@ -331,35 +366,73 @@ def testbed_report(
     )
     started = time.time()
     evaluation = evaluate(path, guidance_scale=guidance, steps=steps, per_group=per_group, seeds=seeds)
-    summary = evaluation.summary()
+    mitigated = None
+    if mitigation:
+        console.print(
+            "the paper's mitigation (padding masked, BOS x 1.25) on the 128x and never-seen prompts"
+        )
+        mitigated = evaluate(
+            path,
+            guidance_scale=guidance,
+            steps=steps,
+            per_group=per_group,
+            seeds=seeds,
+            groups=("memorized_matching", "never_seen"),
+            mitigation={"c": 1.25},
+        )
     seconds = time.time() - started
-    groups = Table(title=f"generations per group (copy: detail similarity > {summary['copy_threshold']})")
-    for column in ("group", "n", "copy rate", "align", "BOS", "prompt", "summary"):
+    report = write_report(evaluation, out, extra={"wall time (s)": round(seconds, 1)}, mitigated=mitigated)
+    summary = json.loads((out / "summary.json").read_text())
+    groups = Table(
+        title=f"generations per group (copy: {summary['copy_measure']} > {summary['copy_threshold']})"
+    )
+    for column in (
+        "group",
+        "n",
+        "copy rate",
+        "own copies",
+        "leakage",
+        "align",
+        "all attrs",
+        "BOS",
+        "summary",
+    ):
         groups.add_column(column)
     for name, g in summary["groups"].items():
         groups.add_row(
-            name, str(g["n"]), f"{g['copy_rate']:.2f}", f"{g['alignment']:.3f}",
-            f"{g['bos_share']:.3f}", f"{g['prompt_share']:.3f}", f"{g['summary_share']:.3f}",
+            name,
+            str(g["n"]),
+            f"{g['copy_rate']:.2f}",
+            f"{g['own_copy_rate']:.2f}",
+            f"{g['leakage_rate']:.2f}",
+            f"{g['alignment']:.3f}",
+            f"{g['all_attributes_right']:.2f}",
+            f"{g['bos_share']:.3f}",
+            f"{g['summary_share']:.3f}",
         )
-    detection = Table(title="detection: memorized vs non-memorized prompts (higher = memorized)")
-    for column in ("memorized", "score", "AUC", "TPR@1%FPR", "pos/neg"):
-        detection.add_column(column)
-    layers = summary["cross_attention_layers"]
-    for key, value in summary["detection_vs_non_memorized"].items():
-        positive, score = key.split("/")
-        positive = positive.removeprefix("memorized_")
-        if isinstance(value, dict):
-            detection.add_row(
-                positive, score, f"{value['auc']:.3f}", f"{value['tpr_at_fpr']:.3f}",
-                f"{value['positives']}/{value['negatives']}",
-            )
-        else:
-            for name, auc in zip(layers, value, strict=True):
-                short = name.removesuffix(".transformer_blocks.0.attn2").replace("_blocks", "")
-                detection.add_row(positive, f"E {short}", f"{auc:.3f}", "", "")
     console.print(groups)
+    from memattn.testbed.report import detection_ranking
+
+    negatives = list(summary["detection_auc_by_negative_group"])
+    detection = Table(title="detection, best first: memorized_matching vs non-memorized (higher = memorized)")
+    for column in ("score", "UNet calls", "AUC", "TPR@1%FPR", *(f"vs {g}" for g in negatives)):
+        detection.add_column(column)
+    for r in detection_ranking(summary):
+        detection.add_row(
+            r["score"],
+            "1" if r["step1"] else "all",
+            f"{r['auc']:.3f}",
+            "" if r["tpr_at_fpr"] is None else f"{r['tpr_at_fpr']:.3f}",
+            *("" if r["by_group"].get(g) is None else f"{r['by_group'][g]:.3f}" for g in negatives),
+        )
     console.print(detection)
-    report = write_report(evaluation, out, extra={"wall time (s)": round(seconds, 1)})
+    if mitigated is not None:
+        m = summary["mitigation"]
+        console.print(
+            f"mitigation {m['settings']}: copies of 128x prompts {m['plain']['copy_rate_128']:.2f} -> "
+            f"{m['mitigated']['copy_rate_128']:.2f}; never-seen prompts with all attributes right "
+            f"{m['plain']['all_attributes_clean']:.2f} -> {m['mitigated']['all_attributes_clean']:.2f}"
+        )
     console.print(f"report: {report}  ({seconds:.0f} s of generation and scoring)")
 
 

@@ -1,8 +1,9 @@
 """`make demo`: the bundled testbed model end to end (about a minute and a half here).
 
-1. `memattn testbed report`: every ground-truth group's prompts with two seeds; D, E and E per layer while
-   generating; copies and alignment; AUC and TPR at 1 % FPR per score; an HTML report with figures in
-   artifacts/demo/.
+1. `memattn testbed report` on the bundled testbed (v2): every ground-truth group's prompts with two
+   seeds; every detection score (D, E, E per layer, Wen's noise norm, BOS and summary shares) while
+   generating, ranked best first; copies, leakage and alignment; the paper's mitigation on the memorized
+   and never-seen prompts; an HTML report in artifacts/demo/ that leads with a headline figure.
 2. `memattn scan` of memorized and clean testbed prompts (step-1 scores into Parquet parts) and
    `memattn report` on the result: artifacts/demo/scan/ and artifacts/demo/scan_report.html.
 """
@@ -13,7 +14,7 @@ import sys
 from pathlib import Path
 
 OUT = Path("artifacts/demo")
-SCAN_GROUPS = ("memorized_matching", "memorized_template", "never_seen", "novel_composition")
+SCAN_GROUPS = ("memorized_matching", "memorized_template", "never_seen", "novel_composition")  # where present
 PER_GROUP = 32
 
 
@@ -37,7 +38,8 @@ def scan_and_report() -> None:
     from memattn.testbed.evaluate import dataset_for
 
     dataset = dataset_for(BUNDLED_TESTBED)
-    prompts = [item.caption for group in SCAN_GROUPS for item in list(dataset.group(group))[:PER_GROUP]]
+    present = [group for group in SCAN_GROUPS if group in dataset.prompt_groups()]
+    prompts = [item.caption for group in present for item in list(dataset.group(group))[:PER_GROUP]]
     prompt_file = OUT / "scan_prompts.txt"
     prompt_file.write_text("\n".join(prompts) + "\n")
     print(f"$ memattn scan {prompt_file} --model testbed --out {OUT / 'scan'} --guidance 2 --steps 25")

@@ -33,18 +33,24 @@ def parse_dtype(name: str) -> torch.dtype:
 
 
 BUNDLED_TESTBED_NAME = "testbed"
-BUNDLED_TESTBED = Path(__file__).parent / "testbed" / "bundled"  # the trained testbed shipped in the package
+# The trained testbeds shipped in the package: v2 (whole-image copies, Stable Diffusion's regime) is
+# ``testbed``; v1 (fine-detail and template memorization) is ``testbed-detail``.
+BUNDLED_TESTBED = Path(__file__).parent / "testbed" / "bundled"
+BUNDLED_TESTBED_DETAIL = Path(__file__).parent / "testbed" / "bundled_detail"
+BUNDLED_TESTBEDS = {BUNDLED_TESTBED_NAME: BUNDLED_TESTBED, "testbed-detail": BUNDLED_TESTBED_DETAIL}
 
 
 def resolve_model(model: str) -> Path | str:
-    """``"testbed"`` (when no such directory exists here) means the bundled testbed pipeline."""
-    if model == BUNDLED_TESTBED_NAME and not Path(model).exists():
-        if not (BUNDLED_TESTBED / "model_index.json").is_file():
+    """``"testbed"`` / ``"testbed-detail"`` (when no such directory exists here) mean a bundled testbed."""
+    bundled = BUNDLED_TESTBEDS.get(model)
+    if bundled is not None and not Path(model).exists():
+        if not (bundled / "model_index.json").is_file():
+            flag = " --detail" if model != BUNDLED_TESTBED_NAME else ""
             raise ModelNotFoundError(
-                f"the bundled testbed is missing from this install ({BUNDLED_TESTBED}); reinstall memattn "
-                "or train one with `memattn testbed train --out DIR` and pass DIR/pipeline"
+                f"the bundled {model} is missing from this install ({bundled}); reinstall memattn "
+                f"or train one with `memattn testbed train{flag} --out DIR` and pass DIR/pipeline"
             )
-        return BUNDLED_TESTBED
+        return bundled
     return model
 
 

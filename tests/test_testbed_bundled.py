@@ -1,4 +1,5 @@
-"""The testbed model bundled in the package: loads as `--model testbed`, has its ground truth, reports."""
+"""The testbed models bundled in the package: `--model testbed` (v2) and `--model testbed-detail` (v1)
+load, have their ground truth, report."""
 
 from __future__ import annotations
 
@@ -11,32 +12,63 @@ import pytest
 from safetensors.torch import load_file
 
 from memattn.errors import MemattnError
-from memattn.loading import BUNDLED_TESTBED, load_pipeline, resolve_model
-from memattn.testbed.bundle import MAX_BYTES, bundle
-from memattn.testbed.data import GROUPS
+from memattn.loading import BUNDLED_TESTBED, BUNDLED_TESTBED_DETAIL, load_pipeline, resolve_model
+from memattn.testbed.bundle import MAX_BYTES, MAX_TOTAL_BYTES, bundle, bundled_bytes
 from memattn.testbed.evaluate import dataset_for, load_manifest
+from memattn.testbed.objects import GROUPS as OBJECT_GROUPS
 
 
-def test_bundle_is_complete_small_and_safetensors_only():
-    files = [p for p in BUNDLED_TESTBED.rglob("*") if p.is_file()]
+@pytest.mark.parametrize(
+    ("root", "command", "counts"),
+    [
+        (BUNDLED_TESTBED, "memattn testbed train --out", {128}),
+        (BUNDLED_TESTBED_DETAIL, "memattn testbed train --out", {8, 32, 128}),
+    ],
+)
+def test_bundle_is_complete_small_and_safetensors_only(root, command, counts):
+    files = [p for p in root.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) <= MAX_BYTES
     assert {p.suffix for p in files} <= {".safetensors", ".json", ".txt"}
-    manifest = load_manifest(BUNDLED_TESTBED)
-    assert manifest["command"].startswith("memattn testbed train --out")
+    manifest = load_manifest(root)
+    assert manifest["command"].startswith(command)
     assert manifest["attribute_classifier_held_out_accuracy"] > 0.95
-    counts = {item["duplication"] for item in manifest["groups"]["memorized_matching"]}
-    assert counts == {8, 32, 128}
+    assert {item["duplication"] for item in manifest["groups"]["memorized_matching"]} == counts
     # The manifest's ground truth is the dataset its seed and config rebuild.
-    dataset = dataset_for(BUNDLED_TESTBED)
+    dataset = dataset_for(root)
     assert [i["caption"] for i in manifest["groups"]["never_seen"]] == [
         i.caption for i in dataset.group("never_seen")
     ]
-    unet = load_file(BUNDLED_TESTBED / "unet" / "diffusion_pytorch_model.safetensors")
+    unet = load_file(root / "unet" / "diffusion_pytorch_model.safetensors")
     assert sum(t.numel() for t in unet.values()) > 1_000_000
+
+
+def test_both_bundles_fit_the_package_budget():
+    assert bundled_bytes() <= MAX_TOTAL_BYTES
+
+
+def test_v2_bundle_has_a_pretrained_eos_copy_encoder_and_a_sink_log():
+    manifest = load_manifest(BUNDLED_TESTBED)
+    assert manifest["config"]["data"]["scene"] == "object"
+    assert manifest["config"]["text_encoder"] == "contrastive-eoscopy"
+    pretraining = manifest["text_encoder_pretraining"]
+    assert pretraining["retrieval_accuracy"] > 0.5  # in-batch text -> image, chance 1/256
+    assert abs(pretraining["summary_state_cosine"]["eos"]) < 0.3  # prompt-specific summary states
+    index = json.loads((BUNDLED_TESTBED / "model_index.json").read_text())
+    assert index["text_encoder"] == ["memattn.testbed.model", "TestbedCLIPTextModel"]
+    log = manifest["sink_log"]
+    assert [entry["step"] for entry in log] == list(range(250, manifest["config"]["steps"] + 1, 250))
+    layers = len(log[0]["layers"])
+    for entry in log:
+        for group in ("seen_once", "memorized"):
+            shares = entry[group]
+            assert len(shares["bos_share"]) == layers
+            total = np.array(shares["bos_share"]) + shares["summary_share"] + shares["prompt_share"]
+            assert np.allclose(total, 1.0, atol=2e-3)
 
 
 def test_testbed_name_resolves_to_the_bundle(tmp_path, monkeypatch):
     assert resolve_model("testbed") == BUNDLED_TESTBED
+    assert resolve_model("testbed-detail") == BUNDLED_TESTBED_DETAIL
     assert resolve_model("some/model") == "some/model"
     monkeypatch.chdir(tmp_path)
     (tmp_path / "testbed").mkdir()  # a local directory of that name wins
@@ -60,8 +92,9 @@ def test_bundle_refuses_foreign_files_and_oversize(tmp_path):
     assert bundle(source, tmp_path / "out") > 2000 and (tmp_path / "out" / "big.safetensors").is_file()
 
 
-def test_bundled_pipeline_loads_and_generates():
-    pipe = load_pipeline("testbed")
+@pytest.mark.parametrize("name", ["testbed", "testbed-detail"])
+def test_bundled_pipeline_loads_and_generates(name):
+    pipe = load_pipeline(name)
     image = pipe(
         "a small red circle in the center on a gray background",
         num_inference_steps=3,
@@ -76,7 +109,9 @@ def test_cli_report_and_info_on_the_bundled_model(tmp_path):
     run = [sys.executable, "-m", "memattn", "testbed"]
     info = subprocess.run([*run, "info"], capture_output=True, text=True, timeout=300)
     assert info.returncode == 0, info.stderr
-    assert "memorized_template" in info.stdout and "memattn testbed train" in info.stdout
+    assert "memorized_matching" in info.stdout and "memattn testbed train" in info.stdout
+    detail = subprocess.run([*run, "info", "testbed-detail"], capture_output=True, text=True, timeout=300)
+    assert detail.returncode == 0 and "memorized_template" in detail.stdout
     out = tmp_path / "report"
     report = subprocess.run(
         [*run, "report", "--per-group", "6", "--seeds", "1", "--steps", "10", "--out", str(out)],
@@ -86,9 +121,19 @@ def test_cli_report_and_info_on_the_bundled_model(tmp_path):
     )
     assert report.returncode == 0, report.stderr[-2000:]
     assert "TPR@1%FPR" in report.stdout and "memorized_matching" in report.stdout
+    assert "mitigation {'c': 1.25}: copies of 128x prompts" in report.stdout
     summary = json.loads((out / "summary.json").read_text())
-    assert list(summary["groups"]) == list(GROUPS)
-    assert (out / "report.html").is_file() and (out / "copies.png").is_file()
+    assert list(summary["groups"]) == list(OBJECT_GROUPS)
+    assert set(summary["mitigation"]) == {"settings", "plain", "mitigated"}
+    assert summary["headline"]["best_step1_score"] in (
+        "wen_step1",
+        "minus_bos_share_step0",
+        "summary_share_step0",
+    )
+    for name in ("report.html", "copies.png", "headline.png"):
+        assert (out / name).is_file()
+    html = (out / "report.html").read_text()
+    assert html.index("headline.png") < html.index("Detection, best first") < html.index("<h2>Groups")
     bad = subprocess.run([*run, "report", "--guidance", "0.5"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "must be at least 1" in bad.stderr
 
@@ -118,4 +163,4 @@ def test_evaluate_under_a_mitigation_or_baseline(mitigation, baseline):
         progress=False,
     )
     assert len(evaluation.rows) == 2 and evaluation.settings["baseline"] == baseline
-    assert all(np.isfinite(row["detail_similarity"]) for row in evaluation.rows)
+    assert all(np.isfinite(row["copy_similarity"]) for row in evaluation.rows)

@@ -34,7 +34,7 @@ def synthetic_evaluation(n_per_group: int = 6, steps: int = 5, layers: int = 3) 
                     "summary_share": 0.4,
                     "bos_share_step0": 0.1,
                     "summary_share_step0": 0.4,
-                    "detail_similarity": float(rng.uniform(0.8, 1.0) if memorized else rng.uniform(0.1, 0.4)),
+                    "copy_similarity": float(rng.uniform(0.8, 1.0) if memorized else rng.uniform(0.1, 0.4)),
                     "nearest_item_id": 100 * g + i,
                     "nearest_group": group,
                     "nearest_is_own": memorized,
@@ -87,3 +87,33 @@ def test_summary_metrics_follow_the_rows():
     assert detection["memorized_matching/score_d"]["auc"] > 0.6  # drawn 1 sd apart: about 0.76 expected
     assert len(detection["memorized_template/layer_e_auc"]) == 3
     assert summary["groups"]["memorized_matching"]["copy_rate"] < 0.5  # threshold moved above most
+
+
+def test_every_example_verdict_in_the_html_follows_its_similarity(tmp_path):
+    """The examples table once said "copy" for every row (jinja2 found dict.copy before the key)."""
+    import re
+
+    evaluation = synthetic_evaluation()
+    html = write_report(evaluation, tmp_path).read_text()
+    table = html[html.index("<h2>Copies") :]
+    rows = re.findall(r"<td>([\d.]+)</td>\s*<td>(<span class=\"copy\">copy</span>|new)</td>", table)
+    assert len(rows) >= 12
+    verdicts = {("copy" in verdict) for _, verdict in rows}
+    assert verdicts == {True, False}
+    for similarity, verdict in rows:
+        assert ("copy" in verdict) == (float(similarity) > 0.5), (similarity, verdict)
+
+
+def test_headline_figure_and_mitigation_table(tmp_path):
+    plain = synthetic_evaluation()
+    mitigated = synthetic_evaluation()
+    for row in mitigated.rows:
+        row["copy_similarity"] = 0.2
+    mitigated.settings["mitigation"] = {"c": 1.25}
+    html = write_report(plain, tmp_path, mitigated=mitigated).read_text()
+    assert (tmp_path / "headline.png").read_bytes()[:4] == b"\x89PNG"
+    assert html.index('src="headline.png"') < html.index("Detection, best first")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["mitigation"]["plain"]["copy_rate_128"] == 1.0
+    assert summary["mitigation"]["mitigated"]["copy_rate_128"] == 0.0
+    assert "memattn.mitigate({&#39;c&#39;: 1.25})" in html

@@ -128,6 +128,7 @@ def collect(
                     **{name: float(value) for name, value in zip(names, x[j], strict=True)},
                 }
             )
+            rows[-1]["minus_bos_share"] = -rows[-1]["bos_share"]  # memorized prompts move attention off BOS
     return Collected(rows, np.concatenate(features), names, seconds_full, seconds_step1)
 
 
@@ -209,6 +210,7 @@ def analyse(
         "score_e",
         *layer_names,
         "bos_share",
+        "minus_bos_share",
         "summary_share",
         "wen_step1",
         "wen_all_steps",

@@ -18,8 +18,11 @@ TESTBED_POSITIVE_GROUPS = ("memorized_template",)  # plus matching items with >=
 TESTBED_NEGATIVE_GROUPS = ("seen_once", "rare_word_seen_once", "never_seen", "novel_composition")
 
 
-def testbed_prompts(model: Path, per_group: int) -> tuple[list[str], list[int]]:
-    """The testbed's ground truth: copied items (>= 32 copies, templates) vs the non-memorized groups."""
+def testbed_prompts(model: Path, per_group: int) -> tuple[list[str], list[int], list[str]]:
+    """The testbed's ground truth: copied items (>= 32 copies, templates) vs the non-memorized groups.
+
+    Returns prompts, 0/1 labels and each prompt's group (detection is also reported per negative group).
+    """
     import numpy as np
 
     from memattn.testbed.evaluate import dataset_for
@@ -36,11 +39,16 @@ def testbed_prompts(model: Path, per_group: int) -> tuple[list[str], list[int]]:
     positives = pick([it for it in positives if it.duplication == 128]) + pick(
         [it for it in positives if it.duplication == 32]
     )
+    present = dataset.prompt_groups()
     for group in TESTBED_POSITIVE_GROUPS:
-        positives += pick(list(dataset.group(group)))
-    negatives = [it for group in TESTBED_NEGATIVE_GROUPS for it in pick(list(dataset.group(group)))]
+        if group in present:
+            positives += pick(list(dataset.group(group)))
+    negatives = [
+        it for group in TESTBED_NEGATIVE_GROUPS if group in present for it in pick(list(dataset.group(group)))
+    ]
     prompts = [it.caption for it in positives + negatives]
-    return prompts, [1] * len(positives) + [0] * len(negatives)
+    groups = [it.group for it in positives + negatives]
+    return prompts, [1] * len(positives) + [0] * len(negatives), groups
 
 
 def roc_figure(per_prompt: dict[str, Any], labels: Any, path: Path, title: str) -> Path:
@@ -65,6 +73,30 @@ def roc_figure(per_prompt: dict[str, Any], labels: Any, path: Path, title: str) 
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def per_negative_group(collected: Any, labels: list[int], groups: list[str], names: list[str]) -> dict:
+    """Held-out AUC and TPR@1% FPR of every score, memorized prompts vs each non-memorized group alone."""
+    import numpy as np
+
+    from memattn.bench.detect import per_prompt_scores, score_table, split_prompts
+
+    labels_array, group_array = np.asarray(labels), np.asarray(groups)
+    held_out = ~split_prompts(labels)
+    per_prompt = per_prompt_scores(collected.rows, names, len(labels))
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for group in dict.fromkeys(g for g, label in zip(groups, labels, strict=True) if label == 0):
+        mask = held_out & ((labels_array == 1) | (group_array == group))
+        table = score_table({n: v[mask] for n, v in per_prompt.items()}, labels_array[mask], n_boot=200)
+        out[group] = {
+            row["score"]: {
+                "auc": row["auc"],
+                "auc_ci95": row["auc_ci95"],
+                "tpr@1%fpr": row["tpr@1%fpr_interp"],
+            }
+            for row in table
+        }
+    return out
 
 
 @bench_app.command("detect")
@@ -106,12 +138,13 @@ def bench_detect(
             raise MemattnError(
                 "give --memorized FILE and --clean FILE (only the testbed has built-in labels)"
             )
-        prompts, labels = testbed_prompts(Path(resolved), per_group)
+        prompts, labels, groups = testbed_prompts(Path(resolved), per_group)
     elif memorized is None or clean is None:
         raise MemattnError("give both --memorized and --clean prompt files")
     else:
         positives, negatives = read_prompts(memorized), read_prompts(clean)
         prompts, labels = positives + negatives, [1] * len(positives) + [0] * len(negatives)
+        groups = ["memorized"] * len(positives) + ["clean"] * len(negatives)
     if seeds < 1:
         raise MemattnError(f"--seeds must be >= 1, got {seeds}")
     pipe = load_pipeline(model, device=device)
@@ -150,6 +183,7 @@ def bench_detect(
         out / "roc.png",
         f"{model}: held-out prompts, {seeds} seed(s), {steps} steps, CFG {guidance}",
     )
+    by_group = per_negative_group(collected, labels, groups, [row["score"] for row in table])
     summary = {
         "model": str(model),
         "prompts": len(prompts),
@@ -161,6 +195,7 @@ def bench_detect(
         "seconds_full_pass": collected.seconds_full,
         "seconds_step1_pass": collected.seconds_step1,
         "table": table,
+        "by_negative_group": by_group,
     }
     (out / "detect_bench.json").write_text(json.dumps(summary, indent=1))
     console = Console()
@@ -178,6 +213,14 @@ def bench_detect(
             f"{row['seconds_per_image']:.3f}",
         )
     console.print(view)
+    if len(by_group) > 1:
+        view = Table(title="AUC on held-out prompts: memorized vs each non-memorized group")
+        view.add_column("score")
+        for group in by_group:
+            view.add_column(group)
+        for name in [row["score"] for row in table]:
+            view.add_row(name, *(f"{by_group[g][name]['auc']:.3f}" for g in by_group))
+        console.print(view)
     console.print(
         f"wrote {out}/detect_bench.csv, detect_bench.json, detect_rows.jsonl, roc.png, {DETECTOR_FILE}"
     )

@@ -22,34 +22,30 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from memattn.errors import MemattnError
-from memattn.testbed.data import (
-    BACKGROUNDS,
-    COLORS,
-    POSITIONS,
-    SHAPES,
-    SIZES,
-    TestbedDataset,
-    add_frame,
-    render_scene,
-)
+from memattn.testbed.data import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES
+from memattn.testbed.objects import ATTRIBUTE_VALUES as OBJECT_ATTRIBUTES
 
-ATTRIBUTES: dict[str, tuple[str, ...]] = {
+ATTRIBUTES: dict[str, tuple[str, ...]] = {  # testbed v1 (fine-detail scenes)
     "background": tuple(BACKGROUNDS),
     "color": tuple(COLORS),
     "shape": SHAPES,
     "size": tuple(SIZES),
     "position": tuple(POSITIONS),
 }
+VOCABULARIES: tuple[dict[str, tuple[str, ...]], ...] = (ATTRIBUTES, OBJECT_ATTRIBUTES)
 CLASSIFIER_FILE = "memattn_attribute_classifier.safetensors"
 
 
 class AttributeClassifier(nn.Module):
     """Three conv layers and one linear head per attribute; input ``(N, 3, S, S)`` in [-1, 1]."""
 
-    def __init__(self, image_size: int, width: int = 48) -> None:
+    def __init__(
+        self, image_size: int, width: int = 48, attributes: dict[str, tuple[str, ...]] = ATTRIBUTES
+    ) -> None:
         super().__init__()
         self.image_size = image_size
         self.width = width
+        self.attributes = {name: tuple(values) for name, values in attributes.items()}
         self.features = nn.Sequential(
             nn.Conv2d(3, width, 3, padding=1),
             nn.GELU(),
@@ -61,7 +57,7 @@ class AttributeClassifier(nn.Module):
         )
         flat = 2 * width * ((image_size + 3) // 4) ** 2
         self.heads = nn.ModuleDict(
-            {name: nn.Linear(flat, len(values)) for name, values in ATTRIBUTES.items()}
+            {name: nn.Linear(flat, len(values)) for name, values in self.attributes.items()}
         )
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -78,10 +74,10 @@ class AttributeClassifier(nn.Module):
                 f"got {tuple(images.shape)}"
             )
         self.eval()
-        out: dict[str, list[str]] = {name: [] for name in ATTRIBUTES}
+        out: dict[str, list[str]] = {name: [] for name in self.attributes}
         for start in range(0, len(images), batch_size):
             logits = self(images[start : start + batch_size])
-            for name, values in ATTRIBUTES.items():
+            for name, values in self.attributes.items():
                 out[name] += [values[i] for i in logits[name].argmax(-1).tolist()]
         return out
 
@@ -90,12 +86,12 @@ class AttributeClassifier(nn.Module):
 class Alignment:
     """Per image and attribute: did the classifier read the caption's value (``correct[i, a]``)."""
 
-    correct: np.ndarray  # bool [image, attribute], attributes in ATTRIBUTES order
+    correct: np.ndarray  # bool [image, attribute], in the classifier's attribute order
     predicted: dict[str, list[str]]
 
     @property
     def accuracy(self) -> np.ndarray:
-        """Fraction of the five attributes an image gets right (the per-image alignment score)."""
+        """Fraction of the caption's attributes an image gets right (the per-image alignment score)."""
         return self.correct.mean(axis=1)
 
     @property
@@ -110,32 +106,16 @@ def alignment(
     if len(images) != len(attributes):
         raise MemattnError(f"{len(images)} images but {len(attributes)} attribute sets")
     predicted = classifier.predict(images)
+    names = list(classifier.attributes)
     correct = np.array(
-        [[predicted[name][i] == attributes[i][name] for name in ATTRIBUTES] for i in range(len(images))],
+        [[predicted[name][i] == attributes[i][name] for name in names] for i in range(len(images))],
         dtype=bool,
-    ).reshape(len(images), len(ATTRIBUTES))
+    ).reshape(len(images), len(names))
     return Alignment(correct=correct, predicted=predicted)
 
 
-def _random_scenes(
-    dataset: TestbedDataset, n: int, rng: np.random.Generator, template_share: float = 0.1
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    labels = {name: rng.integers(len(values), size=n) for name, values in ATTRIBUTES.items()}
-    images = []
-    for i in range(n):
-        attributes = {name: ATTRIBUTES[name][labels[name][i]] for name in ATTRIBUTES}
-        template = None
-        if dataset.templates and rng.random() < template_share:
-            template = dataset.templates[rng.integers(len(dataset.templates))]
-            attributes["background"] = template.background
-            labels["background"][i] = ATTRIBUTES["background"].index(template.background)
-        scene = render_scene(attributes, int(rng.integers(2**62)), dataset.config.image_size, template)
-        images.append(add_frame(scene, dataset.config.border))
-    return np.stack(images), labels
-
-
 def train_classifier(
-    dataset: TestbedDataset,
+    dataset,
     *,
     seed: int = 0,
     steps: int = 1500,
@@ -143,15 +123,19 @@ def train_classifier(
     pool: int = 20_000,
     progress: bool = True,
 ) -> tuple[AttributeClassifier, float]:
-    """Train on ``pool`` fresh renders; returns the classifier and its accuracy (all five attributes
-    right) on 2,000 other renders."""
+    """Train on ``pool`` fresh renders (``dataset.random_scenes``); returns the classifier and its accuracy
+    (every attribute right) on 2,000 other renders."""
     rng = np.random.default_rng((seed, 7))
     torch.manual_seed(seed)
-    model = AttributeClassifier(dataset.config.canvas_size)
+    vocabulary = dataset.attribute_values
+    model = AttributeClassifier(dataset.config.canvas_size, attributes=vocabulary)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    pool_images, pool_labels = _random_scenes(dataset, pool, rng)
+    pool_images, pool_attributes = dataset.random_scenes(pool, rng)
     images = torch.from_numpy(pool_images)
-    targets = {name: torch.from_numpy(values) for name, values in pool_labels.items()}
+    targets = {
+        name: torch.tensor([values.index(a[name]) for a in pool_attributes])
+        for name, values in vocabulary.items()
+    }
     loss_fn = nn.CrossEntropyLoss()
     model.train()
     for _ in tqdm(range(steps), desc="attribute classifier", disable=not progress):
@@ -159,14 +143,11 @@ def train_classifier(
         sigma = torch.from_numpy(rng.uniform(0.0, 0.2, size=(batch_size, 1, 1, 1)).astype(np.float32))
         noise = torch.from_numpy(rng.standard_normal((batch_size, *images.shape[1:])).astype(np.float32))
         logits = model((images[rows] + sigma * noise).clamp(-1, 1))
-        loss = sum(loss_fn(logits[name], targets[name][rows]) for name in ATTRIBUTES)
+        loss = sum(loss_fn(logits[name], targets[name][rows]) for name in vocabulary)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    held_images, held_labels = _random_scenes(dataset, 2_000, rng)
-    attributes = [
-        {name: ATTRIBUTES[name][held_labels[name][i]] for name in ATTRIBUTES} for i in range(len(held_images))
-    ]
+    held_images, attributes = dataset.random_scenes(2_000, rng)
     accuracy = float(alignment(model, held_images, attributes).all_correct.mean())
     return model.eval(), accuracy
 
@@ -176,7 +157,7 @@ def save_classifier(model: AttributeClassifier, accuracy: float, path: Path) -> 
         "image_size": str(model.image_size),
         "width": str(model.width),
         "held_out_accuracy": f"{accuracy:.4f}",
-        "attributes": json.dumps(ATTRIBUTES),
+        "attributes": json.dumps(model.attributes),
     }
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path, metadata=metadata)
     return path
@@ -195,9 +176,10 @@ def load_classifier(path: Path) -> tuple[AttributeClassifier, float]:
         with safe_open(str(path), "pt") as handle:
             metadata = handle.metadata() or {}
         state = load_file(path)
-        if json.loads(metadata["attributes"]) != {k: list(v) for k, v in ATTRIBUTES.items()}:
-            raise MemattnError(f"{path} was trained on a different attribute vocabulary")
-        model = AttributeClassifier(int(metadata["image_size"]), int(metadata["width"]))
+        vocabulary = {k: tuple(v) for k, v in json.loads(metadata["attributes"]).items()}
+        if vocabulary not in VOCABULARIES:
+            raise MemattnError(f"{path} was trained on an attribute vocabulary this memattn does not know")
+        model = AttributeClassifier(int(metadata["image_size"]), int(metadata["width"]), vocabulary)
         model.load_state_dict(state)
     except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as error:
         raise MemattnError(

@@ -1,7 +1,8 @@
 """Copy a trained testbed pipeline into the package (``memattn/testbed/bundled``), within the size budget.
 
-Usage (maintainers): ``python -m memattn.testbed.bundle RUN/pipeline``. Only safetensors, JSON and
-tokenizer text files are copied; anything else in the directory is refused.
+Usage (maintainers): ``python -m memattn.testbed.bundle RUN/pipeline [testbed|testbed-detail]``
+(default ``testbed``, v2). Only safetensors, JSON and tokenizer text files are copied; anything else in
+the directory is refused. Each bundle stays under 25 MiB and both together under 30 MiB.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import sys
 from pathlib import Path
 
 from memattn.errors import MemattnError
-from memattn.loading import BUNDLED_TESTBED
+from memattn.loading import BUNDLED_TESTBED, BUNDLED_TESTBEDS
 
 MAX_BYTES = 25 * 1024 * 1024
+MAX_TOTAL_BYTES = 30 * 1024 * 1024  # every bundled testbed together
 ALLOWED_SUFFIXES = {".safetensors", ".json", ".txt"}
 
 
@@ -39,8 +41,19 @@ def bundle(source: Path, target: Path = BUNDLED_TESTBED, max_bytes: int = MAX_BY
     return total
 
 
+def bundled_bytes() -> int:
+    """Size of every bundled testbed together (the package budget is ``MAX_TOTAL_BYTES``)."""
+    return sum(p.stat().st_size for root in BUNDLED_TESTBEDS.values() for p in root.rglob("*") if p.is_file())
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        raise SystemExit("usage: python -m memattn.testbed.bundle RUN/pipeline")
-    size = bundle(Path(sys.argv[1]))
-    print(f"bundled {sys.argv[1]} into {BUNDLED_TESTBED} ({size / 2**20:.1f} MiB)")
+    if len(sys.argv) not in (2, 3) or (len(sys.argv) == 3 and sys.argv[2] not in BUNDLED_TESTBEDS):
+        raise SystemExit(
+            f"usage: python -m memattn.testbed.bundle RUN/pipeline [{'|'.join(BUNDLED_TESTBEDS)}]"
+        )
+    target = BUNDLED_TESTBEDS[sys.argv[2]] if len(sys.argv) == 3 else BUNDLED_TESTBED
+    size = bundle(Path(sys.argv[1]), target)
+    print(
+        f"bundled {sys.argv[1]} into {target} ({size / 2**20:.1f} MiB; "
+        f"all bundles {bundled_bytes() / 2**20:.1f} MiB)"
+    )

@@ -247,6 +247,35 @@ class TestbedDataset:
             return np.zeros((0, 3, size, size), np.float32)
         return np.stack([self.image(item, scene, detail=detail) for item in items])
 
+    @property
+    def attribute_values(self) -> dict[str, tuple[str, ...]]:
+        """What the attribute classifier reads (``memattn.testbed.alignment``)."""
+        return {
+            "background": tuple(BACKGROUNDS),
+            "color": tuple(COLORS),
+            "shape": SHAPES,
+            "size": tuple(SIZES),
+            "position": tuple(POSITIONS),
+        }
+
+    def random_scenes(
+        self, n: int, rng: np.random.Generator, template_share: float = 0.1
+    ) -> tuple[np.ndarray, list[dict[str, str]]]:
+        """``n`` fresh renders of random scenes (templates ``template_share`` of the time) and labels."""
+        vocabulary = self.attribute_values
+        labels = {name: rng.integers(len(values), size=n) for name, values in vocabulary.items()}
+        images, attributes_out = [], []
+        for i in range(n):
+            attributes = {name: vocabulary[name][labels[name][i]] for name in vocabulary}
+            template = None
+            if self.templates and rng.random() < template_share:
+                template = self.templates[rng.integers(len(self.templates))]
+                attributes["background"] = template.background
+            scene = render_scene(attributes, int(rng.integers(2**62)), self.config.image_size, template)
+            images.append(add_frame(scene, self.config.border))
+            attributes_out.append(attributes)
+        return np.stack(images), attributes_out
+
     def training_pairs(self) -> list[tuple[int, str]]:
         """The training set: (item_id, caption), each item repeated ``duplication`` times, shuffled."""
         pairs = [(item.item_id, item.caption) for item in self.items for _ in range(item.duplication)]
@@ -324,13 +353,13 @@ _VOWELS = ("o", "a", "u", "i", "e", "oo", "y", "au")
 _CODAS = ("rb", "lt", "x", "zz", "nk", "rp", "g", "m", "sk", "th", "ld")
 
 
-def _pseudo_words(rng: np.random.Generator, n: int) -> list[str]:
-    """Seeded made-up words ("zorblat"): not common words, distinct from each other.
+def pseudo_words(rng: np.random.Generator, n: int, common: frozenset[str] = COMMON_WORDS) -> list[str]:
+    """Seeded made-up words ("zorblat"): not ``common`` words, distinct from each other.
 
     The ~138k possible words exceed the ordinary caption space, which is checked first, so this ends.
     """
     words: list[str] = []
-    seen: set[str] = set(COMMON_WORDS)
+    seen: set[str] = set(common)
     while len(words) < n:
         parts = [_ONSETS[rng.integers(len(_ONSETS))] + _VOWELS[rng.integers(len(_VOWELS))] for _ in range(2)]
         word = "".join(parts) + _CODAS[rng.integers(len(_CODAS))]
@@ -382,7 +411,7 @@ def build_dataset(seed: int = 0, config: TestbedConfig | None = None) -> Testbed
         rows += [("memorized_template", duplication, a, c, template.template_id) for a, c in copies]
     for _ in range(config.seen_once):
         rows.append(("seen_once", 1, *next(drawn), None))
-    for word in _pseudo_words(rng, config.rare_word_seen_once):
+    for word in pseudo_words(rng, config.rare_word_seen_once):
         attributes, caption = next(drawn)
         caption = RARE_WORD_FORMAT.format(caption=caption, word=word)
         rows.append(("rare_word_seen_once", 1, {**attributes, "rare_word": word}, caption, None))

@@ -1,7 +1,9 @@
 """Generate from a trained testbed pipeline per ground-truth group and measure everything at once.
 
-Per generated image: detail similarity to the nearest training image (the calibrated copy measure),
-whole-image pixel correlation (the old, uncalibrated one, for comparison), attribute alignment, the
+Per generated image: the testbed's calibrated copy measure (``copy_similarity``: v1, detail similarity
+to the nearest training image; v2, whole-image correlation with the prompt's own training image or, if
+higher, with another memorized item's image: leakage; ``measures.OwnImageMatcher``), whole-image pixel
+correlation with the nearest training image, attribute alignment, the
 detection scores (D, E, E of every layer) and where the attention went (BOS / prompt / summary tokens,
 entropy over steps). ``Evaluation.summary()`` turns that into per-group rates and detection metrics.
 """
@@ -20,14 +22,32 @@ from tqdm.auto import tqdm
 
 import memattn
 from memattn import methods
+from memattn.detectors import NoiseDifference
 from memattn.errors import MemattnError
 from memattn.metrics import detection_metrics
 from memattn.testbed.alignment import CLASSIFIER_FILE, alignment, load_classifier
-from memattn.testbed.data import TestbedConfig, TestbedDataset, build_dataset
-from memattn.testbed.measures import DEFAULT_COPY_THRESHOLD, DetailMatcher, nearest_training_image
+from memattn.testbed.measures import (
+    DetailMatcher,
+    OwnImageMatcher,
+    copy_threshold_for,
+    nearest_training_image,
+)
+from memattn.testbed.objects import SCENE as OBJECT_SCENE
 
 MANIFEST = "memattn_testbed.json"
+# Scores the summary's detection table reports (higher = memorized); step-1 ones need one UNet call.
+DETECTION_SCORES = (
+    "score_d",
+    "score_e",
+    "wen_step1",
+    "wen_all_steps",
+    "minus_bos_share_step0",
+    "minus_bos_share",
+    "summary_share_step0",
+)
+STEP1_SCORES = ("score_e", "wen_step1", "minus_bos_share_step0", "summary_share_step0")
 NON_MEMORIZED = ("seen_once", "rare_word_seen_once", "never_seen", "novel_composition")
+MEMORIZED = ("memorized_matching", "memorized_template")
 
 
 def load_manifest(model: Path) -> dict[str, Any]:
@@ -37,11 +57,17 @@ def load_manifest(model: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def dataset_for(model: Path) -> TestbedDataset:
-    """Rebuild the exact dataset a testbed pipeline was trained on (from its manifest)."""
+def dataset_for(model: Path):
+    """Rebuild the exact dataset a testbed pipeline was trained on (from its manifest): v1 or v2."""
+    from memattn.testbed.train import build_any_dataset, data_config_from_json
+
     manifest = load_manifest(model)
-    raw = {k: tuple(v) if isinstance(v, list) else v for k, v in manifest["config"]["data"].items()}
-    return build_dataset(manifest["seed"], TestbedConfig(**raw))
+    return build_any_dataset(manifest["seed"], data_config_from_json(manifest["config"]["data"]))
+
+
+def scene_of(model: Path) -> str:
+    """``"detail"`` (v1, fine-detail memorization) or ``"object"`` (v2, whole-image copies)."""
+    return load_manifest(model)["config"]["data"].get("scene", "detail")
 
 
 @dataclass
@@ -65,11 +91,14 @@ class Evaluation:
         groups: dict[str, Any] = {}
         for name in dict.fromkeys(row["group"] for row in self.rows):
             rows = [row for row in self.rows if row["group"] == name]
-            detail = np.array([r["detail_similarity"] for r in rows])
+            similarity = np.array([r["copy_similarity"] for r in rows])
+            own = np.array([r["nearest_is_own"] for r in rows], dtype=bool)
             entry = {
                 "n": len(rows),
-                "copy_rate": float((detail > threshold).mean()),
-                "median_detail_similarity": float(np.median(detail)),
+                "copy_rate": float((similarity > threshold).mean()),
+                "own_copy_rate": float(((similarity > threshold) & own).mean()),
+                "leakage_rate": float(((similarity > threshold) & ~own).mean()),
+                "median_copy_similarity": float(np.median(similarity)),
                 "pixel_copy_rate_0.9": float(np.mean([r["pixel_similarity"] > 0.9 for r in rows])),
                 "alignment": float(np.mean([r["alignment"] for r in rows])),
                 "all_attributes_right": float(np.mean([r["alignment"] == 1.0 for r in rows])),
@@ -81,43 +110,58 @@ class Evaluation:
             if name == "memorized_matching" and len(duplications) > 1:
                 entry["copy_rate_by_duplication"] = {
                     d: float(
-                        np.mean([r["detail_similarity"] > threshold for r in rows if r["duplication"] == d])
+                        np.mean([r["copy_similarity"] > threshold for r in rows if r["duplication"] == d])
                     )
                     for d in duplications
                 }
             groups[name] = entry
         detection: dict[str, Any] = {}
         negatives = [row for row in self.rows if row["group"] in NON_MEMORIZED]
+        scores = [
+            name for name in DETECTION_SCORES if self.rows and np.isfinite(self.rows[0].get(name, np.nan))
+        ]
         for positive in ("memorized_matching", "memorized_template"):
             rows = [row for row in self.rows if row["group"] == positive]
             if not rows or not negatives:
                 continue
             labels = [1] * len(rows) + [0] * len(negatives)
-            for score in ("score_d", "score_e"):
+            for score in scores:
                 values = [r[score] for r in rows + negatives]
                 detection[f"{positive}/{score}"] = detection_metrics(labels, values, fpr)
             detection[f"{positive}/layer_e_auc"] = [
                 detection_metrics(labels, [r["layer_e"][i] for r in rows + negatives], fpr)["auc"]
                 for i in range(len(self.layer_names))
             ]
-        copied = [row for row in self.rows if row["detail_similarity"] > threshold]
-        clean = [row for row in negatives if row["detail_similarity"] <= threshold]
+        by_group: dict[str, dict[str, float]] = {}  # memorized vs each non-memorized group alone
+        positives = [row for row in self.rows if row["group"] in ("memorized_matching", "memorized_template")]
+        for group in NON_MEMORIZED:
+            members = [row for row in negatives if row["group"] == group]
+            if not members or not positives:
+                continue
+            labels = [1] * len(positives) + [0] * len(members)
+            by_group[group] = {
+                score: detection_metrics(labels, [r[score] for r in positives + members], fpr)["auc"]
+                for score in scores
+            }
+        copied = [row for row in self.rows if row["copy_similarity"] > threshold]
+        clean = [row for row in negatives if row["copy_similarity"] <= threshold]
         if copied and clean:  # outcome-based: does the score flag the generations that are copies?
             labels = [1] * len(copied) + [0] * len(clean)
             for score in ("score_d", "score_e"):
                 values = [r[score] for r in copied + clean]
                 detection[f"copies/{score}"] = detection_metrics(labels, values, fpr)
-        null = np.array([row["detail_similarity"] for row in negatives])
+        null = np.array([row["copy_similarity"] for row in negatives])
         return {
             **self.settings,
             "copy_threshold": threshold,
-            "non_memorized_detail_similarity": {
+            "non_memorized_copy_similarity": {
                 "max": float(null.max()) if len(null) else None,
                 "p99": float(np.quantile(null, 0.99)) if len(null) else None,
                 "median": float(np.median(null)) if len(null) else None,
             },
             "groups": groups,
             "detection_vs_non_memorized": detection,
+            "detection_auc_by_negative_group": by_group,
             "non_memorized_groups": list(NON_MEMORIZED),
             "cross_attention_layers": self.layer_names,
         }
@@ -137,11 +181,11 @@ def mitigation_measures(
         return float(np.mean(values)) if values else float("nan")
 
     return {
-        "copy_rate_128": mean([r["detail_similarity"] > threshold for r in heavy]),
-        "similarity_128": mean([r["detail_similarity"] for r in heavy]),
+        "copy_rate_128": mean([r["copy_similarity"] > threshold for r in heavy]),
+        "similarity_128": mean([r["copy_similarity"] for r in heavy]),
         "alignment_128": mean([r["alignment"] for r in heavy]),
-        "copy_rate_template": mean([r["detail_similarity"] > threshold for r in template]),
-        "similarity_template": mean([r["detail_similarity"] for r in template]),
+        "copy_rate_template": mean([r["copy_similarity"] > threshold for r in template]),
+        "similarity_template": mean([r["copy_similarity"] for r in template]),
         "alignment_clean": mean([r["alignment"] for r in clean]),
         "all_attributes_clean": mean([r["alignment"] == 1.0 for r in clean]),
     }
@@ -161,7 +205,7 @@ def evaluate(
     per_group: int = 48,
     seeds: int = 1,
     groups: tuple[str, ...] | None = None,
-    copy_threshold: float = DEFAULT_COPY_THRESHOLD,
+    copy_threshold: float | None = None,
     batch_size: int = 64,
     pipe: Any = None,
     mitigation: dict[str, Any] | None = None,
@@ -175,6 +219,7 @@ def evaluate(
     ``baseline``: ``{"method": NAME, "strength": VALUE}``, any method of ``memattn.methods`` (strength
     optional); ``prompt_transform`` rewrites each batch's captions (analysis: paraphrases).
     Copies and alignment are still judged against each item's own caption and image.
+    ``copy_threshold``: None takes the testbed's calibrated one (``measures.copy_threshold_for``).
     """
     from contextlib import nullcontext
 
@@ -184,10 +229,16 @@ def evaluate(
     model = Path(model)
     manifest = load_manifest(model)
     dataset = dataset_for(model)
+    scene = scene_of(model)
+    copy_threshold = copy_threshold_for(scene) if copy_threshold is None else copy_threshold
     pipe = pipe if pipe is not None else load_pipeline(str(model))
     classifier, _ = load_classifier(model / CLASSIFIER_FILE)
     train_items = [item for item in dataset.items if item.duplication > 0]
-    matcher = DetailMatcher.for_items(dataset, train_items)
+    if scene == OBJECT_SCENE:
+        memorized = [item for item in train_items if item.group == "memorized_matching"]
+        matcher: Any = OwnImageMatcher(dataset, train_items, memorized)
+    else:
+        matcher = DetailMatcher.for_items(dataset, train_items)
     train_images = dataset.images(train_items)
     rng = np.random.default_rng(0)
     jobs = [
@@ -212,7 +263,10 @@ def evaluate(
                 pipe, baseline["method"], captions, baseline.get("strength"), seed=start, steps=steps
             )
             captions, other = prepared.prompts, prepared.context
-        with edit, other, memattn.trace(pipe) as tr:
+        # Wen's scores only for plain generation: a method's extra UNet calls would enter the norms.
+        plain = mitigation is None and baseline is None and guidance_scale > 1
+        noise = NoiseDifference(pipe) if plain else nullcontext()
+        with edit, other, memattn.trace(pipe) as tr, noise as nd:
             images = pipe(
                 captions,
                 num_inference_steps=steps,
@@ -227,6 +281,8 @@ def evaluate(
         entropy.append(memattn.entropy_curve(record).T.numpy())
         summary_entropy.append(memattn.summary_entropy_curve(record).T.numpy())
         d, e = memattn.score_d(record).tolist(), memattn.score_e(record).tolist()
+        wen1 = nd.wen(1).tolist() if nd is not None else [float("nan")] * len(batch)
+        wen_all = nd.wen(len(nd.norms)).tolist() if nd is not None else [float("nan")] * len(batch)
         per_layer = memattn.layer_entropy_curves(record)[0].T.tolist()  # [image, layer] at step 0
         for i, (item, seed) in enumerate(batch):
             eos = record.layouts[i].eos_index
@@ -240,17 +296,24 @@ def evaluate(
                     "seed": seed,
                     "score_d": d[i],
                     "score_e": e[i],
+                    "wen_step1": wen1[i],
+                    "wen_all_steps": wen_all[i],
                     "layer_e": per_layer[i],
                     "bos_share": float(mean[:, i, 0].mean()),
                     "prompt_share": float(mean[:, i, 1:eos].sum(-1).mean()),
                     "summary_share": float(mean[:, i, eos:].sum(-1).mean()),
                     "bos_share_step0": float(mean[0, i, 0]),
+                    "minus_bos_share_step0": -float(mean[0, i, 0]),
+                    "minus_bos_share": -float(mean[:, i, 0].mean()),
                     "summary_share_step0": float(mean[0, i, eos:].sum()),
                 }
             )
     images = np.concatenate(generated) if generated else np.zeros((0, 3, 1, 1), np.float32)
-    by_detail = matcher.match(images)
     by_pixels = nearest_training_image(images, train_images)
+    if scene == OBJECT_SCENE:
+        by_detail = matcher.match(images, [row["item_id"] for row in rows])
+    else:
+        by_detail = matcher.match(images)
     aligned = alignment(classifier, images, [dataset.items[row["item_id"]].attributes for row in rows])
     for i, row in enumerate(rows):
         nearest = train_items[int(by_detail.index[i])]
@@ -258,7 +321,7 @@ def evaluate(
             row["template_id"] is not None and nearest.template_id == row["template_id"]
         )
         row.update(
-            detail_similarity=float(by_detail.similarity[i]),
+            copy_similarity=float(by_detail.similarity[i]),
             nearest_item_id=nearest.item_id,
             nearest_group=nearest.group,
             nearest_is_own=bool(own),
@@ -273,6 +336,8 @@ def evaluate(
         "per_group": per_group,
         "seeds": seeds,
         "copy_threshold": copy_threshold,
+        "copy_measure": "whole-image correlation" if scene == OBJECT_SCENE else "detail similarity",
+        "scene": scene,
         "mitigation": mitigation,
         "baseline": baseline,
     }

@@ -18,7 +18,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-DEFAULT_COPY_THRESHOLD = 0.55  # detail similarity; calibrated on non-memorized generations (RESULTS.md)
+DEFAULT_COPY_THRESHOLD = 0.55  # v1 detail similarity; calibrated on non-memorized generations (RESULTS.md)
+# v2 (random backgrounds): whole-image Pearson correlation with the prompt's own training image (or a
+# memorized item's image: leakage). Fixed on fresh renders before any v2 generation was scored: two
+# independent renders correlate at most 0.72 (p99.9 0.66, 2,000 pairs); a fresh render's best match among
+# the 16 memorized images exceeds 0.8 for 0.7 % of renders (the chance level of "leakage"). The nearest of
+# all ~8,000 training images is no copy measure here: a fresh render's best match there has median 0.78.
+# The null on generations is reported by every evaluation (``non_memorized_copy_similarity``).
+OBJECT_COPY_THRESHOLD = 0.8
+
+
+def copy_threshold_for(scene: str) -> float:
+    """The calibrated copy threshold of a testbed scene kind (``"detail"``: v1, ``"object"``: v2)."""
+    return OBJECT_COPY_THRESHOLD if scene == "object" else DEFAULT_COPY_THRESHOLD
 
 
 def _normalize(images: np.ndarray) -> np.ndarray:
@@ -53,6 +65,39 @@ def high_pass(images: np.ndarray) -> np.ndarray:
     h, w = x.shape[-2:]
     local = sum(padded[..., i : i + h, j : j + w] for i in range(3) for j in range(3)) / 9.0
     return x - local
+
+
+class OwnImageMatcher:
+    """v2 copy measure: correlation with the prompt's own training image, or a memorized item's image.
+
+    ``match(generated, item_ids)`` returns, per generation, the higher of its correlation with its own
+    item's training image (if the item was trained on) and the best correlation with another memorized
+    item's image; ``index`` points into the training items, so callers can tell own copies from leakage.
+    """
+
+    def __init__(self, dataset, train_items: Sequence, memorized: Sequence) -> None:
+        self._row = {item.item_id: i for i, item in enumerate(train_items)}
+        self._memorized_rows = np.array([self._row[item.item_id] for item in memorized], dtype=int)
+        self._train = _normalize(dataset.images(train_items))
+
+    def match(self, generated: np.ndarray, item_ids: Sequence[int]) -> NearestMatch:
+        g = _normalize(generated)
+        index = np.zeros(len(g), dtype=int)
+        similarity = np.full(len(g), -1.0)
+        if len(self._memorized_rows):
+            against = g @ self._train[self._memorized_rows].T
+            for i, item_id in enumerate(item_ids):
+                others = self._memorized_rows != self._row.get(item_id, -1)
+                if others.any():
+                    best = int(np.argmax(np.where(others, against[i], -np.inf)))
+                    index[i], similarity[i] = self._memorized_rows[best], against[i, best]
+        for i, item_id in enumerate(item_ids):
+            own = self._row.get(item_id)
+            if own is not None:
+                value = float(g[i] @ self._train[own])
+                if value >= similarity[i]:
+                    index[i], similarity[i] = own, value
+        return NearestMatch(index=index, similarity=similarity)
 
 
 class DetailMatcher:

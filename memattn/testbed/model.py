@@ -30,6 +30,10 @@ from diffusers import (  # noqa: F401  (ModelMixin must be a module attribute: d
 )
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.autoencoders.vae import DecoderOutput
+from transformers import (  # noqa: F401  (PreTrainedModel too: diffusers finds the load method by name)
+    CLIPTextModel,
+    PreTrainedModel,
+)
 
 from memattn.tiny import _bytes_to_unicode, clip_vocab_path
 
@@ -153,10 +157,15 @@ def build_unet(config: ModelConfig) -> UNet2DConditionModel:
     )
 
 
-def build_text_encoder(config: ModelConfig, tokenizer):
-    from transformers import CLIPTextConfig, CLIPTextModel
+def build_text_encoder(config: ModelConfig, tokenizer, *, eos_copy: bool = False, bos_scale: float = 1.0):
+    """The testbed's causal CLIP text encoder (random init); the edits of ``TestbedCLIPTextModel``."""
+    from transformers import CLIPTextConfig
 
-    return CLIPTextModel(
+    edits = {"memattn_eos_copy": True} if eos_copy else {}
+    if bos_scale != 1.0:
+        edits["memattn_bos_scale"] = float(bos_scale)
+    cls = TestbedCLIPTextModel if edits else CLIPTextModel
+    return cls(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
             hidden_size=config.text_hidden,
@@ -167,8 +176,44 @@ def build_text_encoder(config: ModelConfig, tokenizer):
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
+            **edits,
         )
     ).eval()
+
+
+class TestbedCLIPTextModel(CLIPTextModel):
+    """``CLIPTextModel`` with two optional edits of its output states, stored in its config.
+
+    - ``memattn_eos_copy``: every state after the first EOS is a copy of the first EOS state. A small
+      frozen encoder gives near-constant padding states, a prompt-independent key besides BOS; copying
+      the EOS state removes that second sink candidate, so BOS is the only prompt-independent key.
+    - ``memattn_bos_scale``: the BOS state times this factor (a large-norm, distinctive BOS key, as in
+      CLIP, whose BOS state has a far larger norm than the others).
+
+    The pooled output (the first EOS state) is unchanged. With both off this is ``CLIPTextModel``.
+    """
+
+    __test__ = False  # not a pytest test class
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
+        output = super().forward(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs
+        )
+        hidden = output.last_hidden_state
+        if getattr(self.config, "memattn_eos_copy", False):
+            is_eos = input_ids.view(-1, input_ids.shape[-1]).to(hidden.device) == self.config.eos_token_id
+            first = torch.where(is_eos.any(-1), is_eos.int().argmax(-1), is_eos.shape[-1] - 1)
+            positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
+            eos_state = hidden[torch.arange(hidden.shape[0], device=hidden.device), first]
+            hidden = torch.where((positions > first[:, None])[..., None], eos_state[:, None], hidden)
+        scale = float(getattr(self.config, "memattn_bos_scale", 1.0))
+        if scale != 1.0:
+            hidden = torch.cat([hidden[:, :1] * scale, hidden[:, 1:]], dim=1)
+        output.last_hidden_state = hidden
+        return output
+
+
+TEXT_ENCODERS = ("random", "contrastive", "contrastive-eoscopy")
 
 
 def sampling_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:

@@ -1,9 +1,11 @@
 """A readable report of a testbed evaluation: one HTML page (jinja2, autoescaped) and PNG figures.
 
-Figures: generated images next to their nearest training images (what the copy threshold calls a
-copy and what it does not), the detail-similarity histogram per group with the threshold, entropy over
-the denoising steps per group, the attention share on BOS / prompt / summary tokens per group, ROC
-curves of D and E, and the AUC of E in every cross-attention layer.
+Figures: first a headline a person can read in ten seconds (ROC of the best step-1 detector next to
+the paper's D and E; copies and clean-prompt fidelity with and without the paper's mitigation), then
+generated images next to their nearest training images (what the copy threshold calls a copy and what
+it does not), the copy-similarity histogram per group with the threshold, entropy over the denoising
+steps per group, the attention share on BOS / prompt / summary tokens per group, ROC curves of D and
+E, and the AUC of E in every cross-attention layer.
 """
 
 from __future__ import annotations
@@ -20,7 +22,13 @@ import numpy as np  # noqa: E402
 from jinja2 import Environment, PackageLoader, select_autoescape  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
-from memattn.testbed.evaluate import NON_MEMORIZED, Evaluation  # noqa: E402
+from memattn.testbed.evaluate import (  # noqa: E402
+    MEMORIZED,
+    NON_MEMORIZED,
+    STEP1_SCORES,
+    Evaluation,
+    mitigation_measures,
+)
 
 GROUP_COLORS = {
     "memorized_matching": "#c0392b",
@@ -47,7 +55,7 @@ def copies_figure(evaluation: Evaluation, path: Path, threshold: float, per_grou
     shown: list[list[int]] = []
     for group in groups:
         index = [i for i, row in enumerate(evaluation.rows) if row["group"] == group]
-        index.sort(key=lambda i: -evaluation.rows[i]["detail_similarity"])
+        index.sort(key=lambda i: -evaluation.rows[i]["copy_similarity"])
         half = per_group // 2
         picked = index[:half] + [i for i in index[-(per_group - half) :] if i not in index[:half]]
         shown.append(picked)
@@ -69,9 +77,9 @@ def copies_figure(evaluation: Evaluation, path: Path, threshold: float, per_grou
             row = evaluation.rows[i]
             top.imshow(_to_rgb(evaluation.generated[i]), interpolation="nearest")
             bottom.imshow(_to_rgb(evaluation.nearest[i]), interpolation="nearest")
-            verdict = "COPY" if row["detail_similarity"] > threshold else "new"
+            verdict = "COPY" if row["copy_similarity"] > threshold else "new"
             top.set_title(
-                f"{row['detail_similarity']:.2f} {verdict}",
+                f"{row['copy_similarity']:.2f} {verdict}",
                 fontsize=7,
                 color="#c0392b" if verdict == "COPY" else "#333",
             )
@@ -82,13 +90,14 @@ def copies_figure(evaluation: Evaluation, path: Path, threshold: float, per_grou
                 {
                     "group": group,
                     "caption": row["caption"],
-                    "similarity": row["detail_similarity"],
-                    "copy": verdict == "COPY",
+                    "similarity": row["copy_similarity"],
+                    "is_copy": verdict == "COPY",
                     "own": row["nearest_is_own"],
                 }
             )
     fig.suptitle(
-        f"generated (top) vs nearest training image by detail (bottom); copy: similarity > {threshold}",
+        f"generated (top) vs nearest training image (bottom, by {evaluation.settings.get('copy_measure')}); "
+        f"copy: similarity > {threshold}",
         fontsize=9,
     )
     fig.tight_layout()
@@ -101,10 +110,10 @@ def similarity_figure(evaluation: Evaluation, path: Path, threshold: float) -> N
     fig, ax = plt.subplots(figsize=(7, 3.4))
     bins = np.linspace(-0.1, 1.0, 45)
     for group in _groups(evaluation):
-        values = evaluation.column("detail_similarity", (group,))
+        values = evaluation.column("copy_similarity", (group,))
         ax.hist(values, bins=bins, histtype="step", linewidth=1.6, label=group, color=GROUP_COLORS.get(group))
     ax.axvline(threshold, color="black", linestyle="--", linewidth=1, label=f"copy threshold {threshold}")
-    ax.set_xlabel("detail similarity to the nearest training image")
+    ax.set_xlabel(f"{evaluation.settings.get('copy_measure', 'similarity')} with the nearest training image")
     ax.set_ylabel("generations")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -194,11 +203,118 @@ def layer_figure(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(evaluation: Evaluation, out: Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write ``out/report.html``, its PNGs, ``summary.json`` and ``rows.jsonl``; returns the HTML path."""
+def detection_ranking(summary: dict) -> list[dict[str, Any]]:
+    """Every score (E of every layer included), best AUC first: memorized vs all non-memorized groups."""
+    ranked = []
+    detection = summary["detection_vs_non_memorized"]
+    groups = list(summary.get("detection_auc_by_negative_group", {}))
+    for key, value in detection.items():
+        positive, score = key.split("/")
+        if positive != "memorized_matching":
+            continue
+        if isinstance(value, dict):
+            ranked.append(
+                {
+                    "score": score,
+                    "auc": value["auc"],
+                    "tpr_at_fpr": value["tpr_at_fpr"],
+                    "step1": score in STEP1_SCORES,
+                    "by_group": {
+                        g: v.get(score) for g, v in summary.get("detection_auc_by_negative_group", {}).items()
+                    },
+                }
+            )
+        else:
+            for name, auc in zip(summary["cross_attention_layers"], value, strict=True):
+                short = name.removesuffix(".transformer_blocks.0.attn2")
+                ranked.append(
+                    {
+                        "score": f"E {short}",
+                        "auc": auc,
+                        "tpr_at_fpr": None,
+                        "step1": True,
+                        "by_group": dict.fromkeys(groups),
+                    }
+                )
+    return sorted(ranked, key=lambda r: -r["auc"])
+
+
+def headline_figure(evaluation: Evaluation, path: Path, mitigated: Evaluation | None) -> dict[str, Any]:
+    """ROC of the best step-1 score vs D and E; copies / clean fidelity without and with mitigation."""
+    positives = [row for row in evaluation.rows if row["group"] in MEMORIZED]
+    negatives = [row for row in evaluation.rows if row["group"] in NON_MEMORIZED]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    best = None
+    if positives and negatives:
+        labels = [1] * len(positives) + [0] * len(negatives)
+        from sklearn.metrics import roc_auc_score
+
+        available = [s for s in STEP1_SCORES if s != "score_e" and np.isfinite(positives[0].get(s, np.nan))]
+        aucs = {s: roc_auc_score(labels, [r[s] for r in positives + negatives]) for s in available}
+        best = max(aucs, key=aucs.get) if aucs else None
+        for score in [s for s in (best, "score_e", "score_d") if s]:
+            values = [r[score] for r in positives + negatives]
+            fpr, tpr, _ = roc_curve(labels, values)
+            auc = roc_auc_score(labels, values)
+            kind = "step 1" if score in STEP1_SCORES else "all steps"
+            axes[0].plot(fpr, tpr, lw=2 if score == best else 1.2, label=f"{score} ({kind}) AUC {auc:.2f}")
+    axes[0].plot([0, 1], [0, 1], color="#aaa", linestyle=":")
+    axes[0].set_xlabel("false-positive rate")
+    axes[0].set_ylabel("true-positive rate")
+    axes[0].set_title("detection: memorized vs non-memorized prompts", fontsize=9)
+    axes[0].legend(fontsize=7, loc="lower right")
+    threshold = evaluation.settings["copy_threshold"]
+    plain = mitigation_measures(evaluation.rows, threshold)
+    bars = {"plain": plain}
+    if mitigated is not None:
+        bars["mitigated"] = mitigation_measures(mitigated.rows, threshold)
+    names = ("copy_rate_128", "all_attributes_clean")
+    x = np.arange(len(names))
+    width = 0.8 / len(bars)
+    for k, (label, measures) in enumerate(bars.items()):
+        values = [measures[n] for n in names]
+        axes[1].bar(
+            x + (k - (len(bars) - 1) / 2) * width, values, width, label=label, color=("#7f8c8d", "#27ae60")[k]
+        )
+        for xi, v in zip(x, values, strict=True):
+            axes[1].text(
+                xi + (k - (len(bars) - 1) / 2) * width, v + 0.02, f"{v:.2f}", ha="center", fontsize=8
+            )
+    axes[1].set_xticks(x, ["copies of 128x prompts", "clean prompts: all attributes right"], fontsize=8)
+    axes[1].set_ylim(0, 1.1)
+    title = "the paper's mitigation" if mitigated is not None else "copies and fidelity"
+    if mitigated is not None:
+        title += f" ({mitigated.settings.get('mitigation')})"
+    axes[1].set_title(title, fontsize=9)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return {"best_step1_score": best, **{f"{k}_{n}": v[n] for k, v in bars.items() for n in v}}
+
+
+def write_report(
+    evaluation: Evaluation,
+    out: Path,
+    extra: dict[str, Any] | None = None,
+    mitigated: Evaluation | None = None,
+) -> Path:
+    """Write ``out/report.html``, its PNGs, ``summary.json`` and ``rows.jsonl``; returns the HTML path.
+
+    ``mitigated``: the same prompts generated under a mitigation (the headline compares the two).
+    """
     out.mkdir(parents=True, exist_ok=True)
     summary = evaluation.summary()
     threshold = summary["copy_threshold"]
+    headline = headline_figure(evaluation, out / "headline.png", mitigated)
+    summary["headline"] = headline
+    if mitigated is not None:
+        summary["mitigation"] = {
+            "settings": mitigated.settings.get("mitigation"),
+            "plain": mitigation_measures(evaluation.rows, threshold),
+            "mitigated": mitigation_measures(mitigated.rows, threshold),
+        }
+    ranking = detection_ranking(summary)
     examples = copies_figure(evaluation, out / "copies.png", threshold)
     similarity_figure(evaluation, out / "copy_similarity.png", threshold)
     entropy_figure(evaluation, out / "entropy_over_steps.png")
@@ -211,7 +327,7 @@ def write_report(evaluation: Evaluation, out: Path, extra: dict[str, Any] | None
             handle.write(json.dumps(row) + "\n")
     environment = Environment(loader=PackageLoader("memattn.testbed"), autoescape=select_autoescape(["html"]))
     html = environment.get_template("report.html").render(
-        summary=summary, examples=examples, extra=extra or {}, rows=evaluation.rows
+        summary=summary, examples=examples, extra=extra or {}, rows=evaluation.rows, ranking=ranking
     )
     path = out / "report.html"
     path.write_text(html)

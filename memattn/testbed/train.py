@@ -29,6 +29,7 @@ from memattn.errors import MemattnError
 from memattn.testbed.alignment import CLASSIFIER_FILE, save_classifier, train_classifier
 from memattn.testbed.data import TestbedConfig, TestbedDataset, build_dataset
 from memattn.testbed.model import (
+    TEXT_ENCODERS,
     ModelConfig,
     assemble_pipeline,
     build_text_encoder,
@@ -37,13 +38,21 @@ from memattn.testbed.model import (
     load_tokenizer,
     tokenize,
 )
+from memattn.testbed.objects import SCENE as OBJECT_SCENE
+from memattn.testbed.objects import ObjectsConfig, ObjectsDataset, build_objects_dataset
 
 CHECKPOINTS = "checkpoints"
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The recipe. Defaults follow the feasibility run: AdamW 1e-3, batch 64, 10 % caption dropout, EMA."""
+    """The recipe. Defaults follow the feasibility run: AdamW 1e-3, batch 64, 10 % caption dropout, EMA.
+
+    The defaults are testbed v1 (``DETAIL``); ``OBJECTS`` is v2, the bundled ``testbed``.
+    ``text_encoder``: ``random`` (frozen at init), ``contrastive`` (CLIP loss against renders for
+    ``text_pretrain_steps`` steps, then frozen) or ``contrastive-eoscopy`` (that, with every state after
+    the first EOS replaced by the EOS state: ``TestbedCLIPTextModel``).
+    """
 
     steps: int = 3000
     batch_size: int = 64
@@ -54,10 +63,25 @@ class TrainConfig:
     seed: int = 0
     prediction_type: str = "v_prediction"  # "epsilon" failed to sample well here (RESULTS.md)
     classifier_steps: int = 1500  # the attribute classifier exported with the model (alignment measure)
-    data: TestbedConfig = field(default_factory=TestbedConfig)
+    data: TestbedConfig | ObjectsConfig = field(default_factory=TestbedConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    text_encoder: str = "random"
+    text_pretrain_steps: int = 0
+    text_pretrain_batch: int = 256
+    text_pretrain_pool: str = "eos"  # "summary": a random summary position per caption (far padding too)
+    bos_scale: float = 1.0  # the text encoder's BOS state times this (TestbedCLIPTextModel)
 
     def __post_init__(self) -> None:
+        if self.text_encoder not in TEXT_ENCODERS:
+            raise MemattnError(
+                f"text_encoder {self.text_encoder!r}: choose one of {', '.join(TEXT_ENCODERS)}"
+            )
+        if self.text_pretrain_pool not in ("eos", "summary"):
+            raise MemattnError(f"text_pretrain_pool must be eos or summary, got {self.text_pretrain_pool!r}")
+        if self.bos_scale <= 0:
+            raise MemattnError(f"bos_scale must be > 0, got {self.bos_scale}")
+        if self.text_encoder != "random" and self.text_pretrain_steps < 1:
+            raise MemattnError(f"text_encoder {self.text_encoder!r} needs text_pretrain_steps >= 1")
         if self.model.image_size != self.data.canvas_size:
             raise MemattnError(
                 f"the UNet's image_size ({self.model.image_size}) must equal the rendered image size "
@@ -65,7 +89,7 @@ class TrainConfig:
             )
 
 
-FAST = TrainConfig(
+DETAIL_FAST = TrainConfig(
     steps=400,
     checkpoint_every=100,
     classifier_steps=500,
@@ -82,8 +106,41 @@ FAST = TrainConfig(
 )
 
 
+DETAIL = TrainConfig()
+OBJECTS = TrainConfig(
+    steps=3000,
+    checkpoint_every=250,
+    classifier_steps=4000,
+    data=ObjectsConfig(),
+    text_encoder="contrastive-eoscopy",
+    text_pretrain_steps=300,
+)
+OBJECTS_FAST = TrainConfig(
+    steps=500,
+    checkpoint_every=100,
+    classifier_steps=500,
+    data=ObjectsConfig(matching_items_per_count=4, seen_once=1500, rare_word_seen_once=40, never_seen=40),
+    text_encoder="contrastive-eoscopy",
+    text_pretrain_steps=100,
+    text_pretrain_batch=128,
+)
+FAST = OBJECTS_FAST  # what `memattn testbed train --fast` trains
+
+
+def data_config_from_json(raw: dict) -> TestbedConfig | ObjectsConfig:
+    """A data config from its JSON form; ``scene`` says which testbed (absent: v1, older manifests)."""
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+    return ObjectsConfig(**values) if values.get("scene") == OBJECT_SCENE else TestbedConfig(**values)
+
+
+def build_any_dataset(seed: int, config: TestbedConfig | ObjectsConfig) -> TestbedDataset | ObjectsDataset:
+    if isinstance(config, ObjectsConfig):
+        return build_objects_dataset(seed, config)
+    return build_dataset(seed, config)
+
+
 def _config_from_json(raw: dict) -> TrainConfig:
-    data = TestbedConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.pop("data").items()})
+    data = data_config_from_json(raw.pop("data"))
     model = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.pop("model").items()})
     return TrainConfig(**raw, data=data, model=model)
 
@@ -91,14 +148,23 @@ def _config_from_json(raw: dict) -> TrainConfig:
 class Trainer:
     """Holds the networks, the optimizer, the EMA copy and the pre-encoded data of one run."""
 
-    def __init__(self, config: TrainConfig, out: Path) -> None:
+    def __init__(self, config: TrainConfig, out: Path, *, progress: bool = False) -> None:
         self.config = config
         self.out = out
-        self.dataset: TestbedDataset = build_dataset(config.seed, config.data)
+        self.dataset = build_any_dataset(config.seed, config.data)
         torch.manual_seed(config.seed)
         captions = [item.caption for item in self.dataset.items]
         self.tokenizer = load_tokenizer(build_tokenizer_files(captions, out / "tokenizer-build"))
-        self.text_encoder = build_text_encoder(config.model, self.tokenizer).requires_grad_(False)
+        self.text_encoder = build_text_encoder(
+            config.model,
+            self.tokenizer,
+            eos_copy=config.text_encoder.endswith("eoscopy"),
+            bos_scale=config.bos_scale,
+        ).requires_grad_(False)
+        self.text_pretrain: dict = {}
+        if config.text_encoder != "random":
+            self.text_pretrain = self._pretrained_text_encoder(progress)
+        torch.manual_seed(config.seed)  # the UNet's init does not depend on the encoder recipe
         self.unet = build_unet(config.model).train()
         self.ema = copy.deepcopy(self.unet).eval().requires_grad_(False)
         self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=config.lr)
@@ -125,6 +191,55 @@ class Trainer:
             )
             self.empty = self.text_encoder(tokenize(self.tokenizer, [""]))[0]
         self.step = 0
+        self.sink_log: list[dict] = []
+
+    def _pretrained_text_encoder(self, progress: bool) -> dict:
+        """Pre-train the encoder (seeded), or load what an earlier start of this run stored."""
+        from memattn.testbed.text_pretrain import pretrain_text_encoder, summary_state_similarity
+
+        cfg = self.config
+        recipe = {
+            "seed": cfg.seed,
+            "steps": cfg.text_pretrain_steps,
+            "batch": cfg.text_pretrain_batch,
+            "pool": cfg.text_pretrain_pool,
+            "text_encoder": cfg.text_encoder,
+            "bos_scale": cfg.bos_scale,
+            "model": asdict(cfg.model),
+        }
+        stored = self.out / "text-encoder"
+        if (stored / "pretrain.json").is_file():
+            info = json.loads((stored / "pretrain.json").read_text())
+            if info["recipe"] == json.loads(json.dumps(recipe)):
+                self.text_encoder.load_state_dict(load_file(stored / "model.safetensors"))
+                return info
+        log = pretrain_text_encoder(
+            self.text_encoder,
+            self.tokenizer,
+            self.dataset,
+            steps=cfg.text_pretrain_steps,
+            seed=cfg.seed,
+            batch_size=cfg.text_pretrain_batch,
+            pool=cfg.text_pretrain_pool,
+            progress=progress,
+        )
+        probe = [item.caption for item in self.dataset.group("seen_once")[:64]]
+        info = {
+            "recipe": recipe,
+            **log.as_dict(),
+            "summary_state_cosine": summary_state_similarity(self.text_encoder, self.tokenizer, probe),
+        }
+        partial = self.out / ".text-encoder.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        save_file(
+            {k: v.contiguous() for k, v in self.text_encoder.state_dict().items()},
+            partial / "model.safetensors",
+        )
+        (partial / "pretrain.json").write_text(json.dumps(info, indent=1))
+        shutil.rmtree(stored, ignore_errors=True)
+        os.replace(partial, stored)
+        return info
 
     # ---- one step -----------------------------------------------------------------------------
     def train_step(self) -> float:
@@ -166,8 +281,16 @@ class Trainer:
         save_file(self.ema.state_dict(), partial / "ema.safetensors")
         tensors, groups = _flatten_optimizer(self.optimizer.state_dict())
         save_file(tensors, partial / "optimizer.safetensors")
+        self.sink_log.append(self.attention_shares())
         (partial / "state.json").write_text(
-            json.dumps({"step": self.step, "param_groups": groups, "config": asdict(self.config)})
+            json.dumps(
+                {
+                    "step": self.step,
+                    "param_groups": groups,
+                    "config": asdict(self.config),
+                    "sink_log": self.sink_log,
+                }
+            )
         )
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
@@ -192,6 +315,17 @@ class Trainer:
                 f"checkpoint {path} was written by a different recipe; use a new --out directory"
             )
         self.step = int(state["step"])
+        self.sink_log = list(state.get("sink_log", []))
+
+    def attention_shares(self) -> dict:
+        """Where the EMA UNet's text attention goes now: BOS / prompt / summary share per layer.
+
+        On a fixed probe (up to 32 seen-once and all 128-copy training pairs, their own images noised at
+        t = 999, 500, 100, seeded): the sink hunt's per-checkpoint log. A few seconds per checkpoint.
+        """
+        from memattn.testbed.sink import attention_shares
+
+        return {"step": self.step, **attention_shares(self)}
 
     # ---- export -------------------------------------------------------------------------------
     def export(self, target: Path, manifest: dict, progress: bool = False) -> Path:
@@ -205,7 +339,12 @@ class Trainer:
             self.dataset, seed=self.config.seed, steps=self.config.classifier_steps, progress=progress
         )
         save_classifier(classifier, accuracy, tmp / CLASSIFIER_FILE)
-        manifest = {**manifest, "attribute_classifier_held_out_accuracy": accuracy}
+        manifest = {
+            **manifest,
+            "attribute_classifier_held_out_accuracy": accuracy,
+            "text_encoder_pretraining": self.text_pretrain,
+            "sink_log": self.sink_log,
+        }
         (tmp / "memattn_testbed.json").write_text(json.dumps(manifest, indent=1))
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
@@ -269,7 +408,7 @@ def manifest(trainer: Trainer, seconds: float, command: str) -> dict:
 def train(config: TrainConfig, out: Path, *, resume: bool = True, progress: bool = True) -> Path:
     """Train (or resume) into ``out``; returns the exported pipeline directory ``out / "pipeline"``."""
     out.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(config, out)
+    trainer = Trainer(config, out, progress=progress)
     latest = latest_checkpoint(out) if resume else None
     if latest is not None:
         trainer.load_checkpoint(latest)
