@@ -226,8 +226,10 @@ def _testbed_rows(
     per_group: int,
     progress: bool,
 ) -> list[dict[str, Any]]:
-    from memattn.testbed.evaluate import evaluate, mitigation_measures
+    from memattn.testbed.evaluate import dataset_for, evaluate, mitigation_measures
 
+    present = dataset_for(path).prompt_groups()  # v2 has no templates and no novel compositions
+    groups = tuple(group for group in TESTBED_GROUPS if group in present)
     rows = []
     for setting in tqdm(settings, desc="mitigation bench", unit="setting", disable=not progress):
         started = time.perf_counter()
@@ -237,7 +239,7 @@ def _testbed_rows(
             steps=steps,
             per_group=per_group,
             seeds=seeds,
-            groups=TESTBED_GROUPS,
+            groups=groups,
             pipe=pipe,
             baseline={"method": setting.method, "strength": setting.strength},
             progress=False,
