@@ -144,7 +144,7 @@ def test_collect_and_analyse_on_a_tiny_pipeline(sd1_pipe):
 def test_bench_detect_cli_on_the_testbed(tmp_path):
     run = [sys.executable, "-m", "memattn", "bench", "detect", "--out", str(tmp_path)]
     done = subprocess.run(
-        [*run, "--seeds", "1", "--steps", "3", "--guidance", "2", "--per-group", "2"],
+        [*run, "--seeds", "1", "--steps", "3", "--guidance", "2", "--per-group", "4"],
         capture_output=True,
         text=True,
         timeout=600,
@@ -159,6 +159,12 @@ def test_bench_detect_cli_on_the_testbed(tmp_path):
     ):
         assert (tmp_path / name).is_file(), name
     summary = json.loads((tmp_path / "detect_bench.json").read_text())
-    assert summary["memorized"] == 6 and summary["prompts"] == 14  # 2 x (128, 32, template); 2 x 4 groups
+    # testbed v2: 4 of its 128x items; 4 x (seen once, rare word, never seen)
+    assert summary["memorized"] == 4 and summary["prompts"] == 16
+    by_group = summary["by_negative_group"]
+    assert set(by_group) <= {"seen_once", "rare_word_seen_once", "never_seen"} and by_group
+    for table in by_group.values():
+        assert {"score_d", "score_e", "wen_step1", "minus_bos_share", "combined"} <= set(table)
+        assert all(0 <= entry["auc"] <= 1 for entry in table.values())
     bad = subprocess.run([*run, "--model", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--memorized FILE and --clean FILE" in bad.stderr

@@ -87,6 +87,8 @@ def per_negative_group(collected: Any, labels: list[int], groups: list[str], nam
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for group in dict.fromkeys(g for g, label in zip(groups, labels, strict=True) if label == 0):
         mask = held_out & ((labels_array == 1) | (group_array == group))
+        if len(set(labels_array[mask].tolist())) < 2:  # too few prompts: this group has none held out
+            continue
         table = score_table({n: v[mask] for n, v in per_prompt.items()}, labels_array[mask], n_boot=200)
         out[group] = {
             row["score"]: {
