@@ -36,6 +36,18 @@ VOCABULARIES: tuple[dict[str, tuple[str, ...]], ...] = (ATTRIBUTES, OBJECT_ATTRI
 CLASSIFIER_FILE = "memattn_attribute_classifier.safetensors"
 
 
+def conv_layers(width: int) -> list[nn.Module]:
+    """The testbed's small image CNN: three 3x3 convolutions (two of stride 2) with GELUs."""
+    return [
+        nn.Conv2d(3, width, 3, padding=1),
+        nn.GELU(),
+        nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
+        nn.GELU(),
+        nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1),
+        nn.GELU(),
+    ]
+
+
 class AttributeClassifier(nn.Module):
     """Three conv layers and one linear head per attribute; input ``(N, 3, S, S)`` in [-1, 1]."""
 
@@ -46,15 +58,7 @@ class AttributeClassifier(nn.Module):
         self.image_size = image_size
         self.width = width
         self.attributes = {name: tuple(values) for name, values in attributes.items()}
-        self.features = nn.Sequential(
-            nn.Conv2d(3, width, 3, padding=1),
-            nn.GELU(),
-            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
-            nn.GELU(),
-            nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1),
-            nn.GELU(),
-            nn.Flatten(),
-        )
+        self.features = nn.Sequential(*conv_layers(width), nn.Flatten())
         flat = 2 * width * ((image_size + 3) // 4) ** 2
         self.heads = nn.ModuleDict(
             {name: nn.Linear(flat, len(values)) for name, values in self.attributes.items()}

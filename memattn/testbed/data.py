@@ -203,11 +203,58 @@ class Template:
     seed: int
 
 
+class GroupedItems:
+    """What every testbed dataset (v1 here, v2 in ``objects``) does with its items and groups.
+
+    Subclasses are frozen dataclasses with ``seed``, ``items`` and a ``_by_group`` field, and set
+    ``group_names`` and ``shuffle_stream`` (the random stream that orders the training pairs).
+    """
+
+    group_names: tuple[str, ...] = ()
+    shuffle_stream: int = 0
+    seed: int
+    items: tuple[Item, ...]
+    _by_group: dict[str, tuple[Item, ...]]
+
+    def __post_init__(self) -> None:
+        by_group = {
+            name: tuple(item for item in self.items if item.group == name) for name in self.group_names
+        }
+        object.__setattr__(self, "_by_group", by_group)
+
+    def group(self, name: str) -> tuple[Item, ...]:
+        if name not in self._by_group:
+            raise MemattnError(f"unknown group {name!r}; the groups are {', '.join(self.group_names)}")
+        return self._by_group[name]
+
+    def training_pairs(self) -> list[tuple[int, str]]:
+        """The training set: (item_id, caption), each item repeated ``duplication`` times, shuffled."""
+        pairs = [(item.item_id, item.caption) for item in self.items for _ in range(item.duplication)]
+        order = np.random.default_rng((self.seed, self.shuffle_stream)).permutation(len(pairs))
+        return [pairs[i] for i in order]
+
+    def prompt_groups(self) -> dict[str, list[str]]:
+        """Ground truth: group name -> captions of its items."""
+        return {name: [item.caption for item in self._by_group[name]] for name in self.group_names}
+
+    def group_summary(self) -> dict[str, object]:
+        """Items and training pairs per group, and the totals (what a training run will see)."""
+        pairs = {name: sum(item.duplication for item in self._by_group[name]) for name in self.group_names}
+        return {
+            "items": {name: len(self._by_group[name]) for name in self.group_names},
+            "training_pairs": pairs,
+            "total_items": len(self.items),
+            "total_training_pairs": sum(pairs.values()),
+        }
+
+
 @dataclass(frozen=True)
-class TestbedDataset:
+class TestbedDataset(GroupedItems):
     """The items of every group, the templates and withheld pairs, and how to render and train on them."""
 
     __test__ = False  # not a pytest test class
+    group_names = GROUPS
+    shuffle_stream = _STREAM_SHUFFLE
 
     seed: int
     config: TestbedConfig
@@ -215,15 +262,6 @@ class TestbedDataset:
     templates: tuple[Template, ...]
     withheld_pairs: tuple[tuple[str, str], ...]  # (color, shape) never in training
     _by_group: dict[str, tuple[Item, ...]] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        by_group = {name: tuple(item for item in self.items if item.group == name) for name in GROUPS}
-        object.__setattr__(self, "_by_group", by_group)
-
-    def group(self, name: str) -> tuple[Item, ...]:
-        if name not in self._by_group:
-            raise MemattnError(f"unknown group {name!r}; the groups are {', '.join(GROUPS)}")
-        return self._by_group[name]
 
     def image(self, item: Item | int, image_size: int | None = None, *, detail: bool = True) -> np.ndarray:
         """float32 ``(3, H, W)`` in [-1, 1]; the same item always renders identically.
@@ -276,24 +314,10 @@ class TestbedDataset:
             attributes_out.append(attributes)
         return np.stack(images), attributes_out
 
-    def training_pairs(self) -> list[tuple[int, str]]:
-        """The training set: (item_id, caption), each item repeated ``duplication`` times, shuffled."""
-        pairs = [(item.item_id, item.caption) for item in self.items for _ in range(item.duplication)]
-        order = np.random.default_rng((self.seed, _STREAM_SHUFFLE)).permutation(len(pairs))
-        return [pairs[i] for i in order]
-
-    def prompt_groups(self) -> dict[str, list[str]]:
-        """Ground truth: group name -> captions of its items."""
-        return {name: [item.caption for item in self._by_group[name]] for name in GROUPS}
-
     def summary(self) -> dict[str, object]:
-        """Items and training pairs per group, and the totals (what a training run will see)."""
-        pairs = {name: sum(item.duplication for item in self._by_group[name]) for name in GROUPS}
+        """Items and training pairs per group, the totals, templates and withheld pairs."""
         return {
-            "items": {name: len(self._by_group[name]) for name in GROUPS},
-            "training_pairs": pairs,
-            "total_items": len(self.items),
-            "total_training_pairs": sum(pairs.values()),
+            **self.group_summary(),
             "templates": [(t.template_id, t.background, t.position) for t in self.templates],
             "withheld_pairs": list(self.withheld_pairs),
         }

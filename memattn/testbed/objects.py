@@ -34,7 +34,14 @@ import torch
 import torch.nn.functional as F
 
 from memattn.errors import MemattnError
-from memattn.testbed.data import RARE_WORD_FORMAT, Item, bag_of_words_auc, caption_words, pseudo_words
+from memattn.testbed.data import (
+    RARE_WORD_FORMAT,
+    GroupedItems,
+    Item,
+    bag_of_words_auc,
+    caption_words,
+    pseudo_words,
+)
 
 SCENE = "object"  # the ``scene`` tag of this data in configs and manifests (v1: "detail")
 
@@ -146,10 +153,12 @@ def all_combos() -> list[dict[str, str]]:
 
 
 @dataclass(frozen=True)
-class ObjectsDataset:
+class ObjectsDataset(GroupedItems):
     """Items of every group and how to render them (the interface of ``memattn.testbed.data``)."""
 
     __test__ = False
+    group_names = GROUPS
+    shuffle_stream = _STREAM_SHUFFLE
 
     seed: int
     config: ObjectsConfig
@@ -158,19 +167,9 @@ class ObjectsDataset:
     withheld_pairs: tuple = ()
     _by_group: dict[str, tuple[Item, ...]] = field(init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(
-            self, "_by_group", {g: tuple(i for i in self.items if i.group == g) for g in GROUPS}
-        )
-
     @property
     def attribute_values(self) -> dict[str, tuple[str, ...]]:
         return ATTRIBUTE_VALUES
-
-    def group(self, name: str) -> tuple[Item, ...]:
-        if name not in self._by_group:
-            raise MemattnError(f"unknown group {name!r}; the groups are {', '.join(GROUPS)}")
-        return self._by_group[name]
 
     def image(self, item: Item | int, image_size: int | None = None, *, detail: bool = True) -> np.ndarray:
         return self.images([item], image_size, detail=detail)[0]
@@ -196,22 +195,10 @@ class ObjectsDataset:
         suffix = rng.integers(len(OBJECT_STYLE_SUFFIXES), size=len(attributes))
         return [caption_for(a, int(p), int(s)) for a, p, s in zip(attributes, phrasing, suffix, strict=True)]
 
-    def training_pairs(self) -> list[tuple[int, str]]:
-        pairs = [(item.item_id, item.caption) for item in self.items for _ in range(item.duplication)]
-        order = np.random.default_rng((self.seed, _STREAM_SHUFFLE)).permutation(len(pairs))
-        return [pairs[i] for i in order]
-
-    def prompt_groups(self) -> dict[str, list[str]]:
-        return {name: [item.caption for item in self._by_group[name]] for name in GROUPS}
-
     def summary(self) -> dict[str, object]:
-        pairs = {name: sum(item.duplication for item in self._by_group[name]) for name in GROUPS}
         return {
             "scene": SCENE,
-            "items": {name: len(self._by_group[name]) for name in GROUPS},
-            "training_pairs": pairs,
-            "total_items": len(self.items),
-            "total_training_pairs": sum(pairs.values()),
+            **self.group_summary(),
             "object_pixel_share": object_pixel_share(self.config.image_size),
         }
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from memattn.testbed.alignment import conv_layers
 from memattn.testbed.model import tokenize
 
 
@@ -26,15 +27,7 @@ class ImageEncoder(nn.Module):
     def __init__(self, dim: int, width: int = 48) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(3, width, 3, padding=1),
-            nn.GELU(),
-            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
-            nn.GELU(),
-            nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1),
-            nn.GELU(),
-            nn.AdaptiveAvgPool2d(2),
-            nn.Flatten(),
-            nn.Linear(8 * width, dim),
+            *conv_layers(width), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(8 * width, dim)
         )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -94,8 +87,8 @@ def pretrain_text_encoder(
         images, attributes = dataset.random_scenes(batch_size, rng)
         captions = dataset.random_captions(attributes, rng)
         # Identical objects in a batch are true pairs too: their off-diagonal logits are excluded.
-        keys = [tuple(sorted(a.items())) for a in attributes]
-        same = torch.tensor([[k == other for other in keys] for k in keys])
+        keys = torch.tensor(np.unique([str(sorted(a.items())) for a in attributes], return_inverse=True)[1])
+        same = keys[:, None] == keys[None, :]
         ids = tokenize(tokenizer, captions)
         output = text_encoder(ids)
         if pool == "summary":
