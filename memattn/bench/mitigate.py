@@ -4,7 +4,8 @@ Two ways to measure, chosen by what the user has:
 
 - **testbed** (the bundled ``testbed`` or any pipeline directory with a ``memattn_testbed.json``, and
   neither ``--sscd`` nor ``--clip``): the testbed's own ground truth through
-  ``memattn.testbed.evaluate``: copy rate and detail similarity of the 128-copy items and templates,
+  ``memattn.testbed.evaluate``: copy rate and copy similarity (v1: detail, v2: whole image) of the
+  128-copy items and templates,
   attribute alignment of clean prompts (never seen, novel compositions). Nothing to download.
 - **images** (any pipeline, with the user's ``--memorized`` and ``--clean`` prompt files):
   copy similarity with an SSCD TorchScript file (``--sscd``) and alignment as the CLIP score of a local

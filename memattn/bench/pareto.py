@@ -10,7 +10,7 @@ from typing import Any
 from memattn import methods
 
 AXIS_LABELS = {
-    "similarity_128": "mean detail similarity of 128-copy items' generations (lower = less copying)",
+    "similarity_128": "mean copy similarity of 128-copy items' generations (lower = less copying)",
     "alignment_clean": "attribute alignment of clean prompts (higher = more faithful)",
     "sscd_gen": "SSCD similarity to the unmitigated generation, same seed [gen] (lower = changed more)",
     "sscd_train": "SSCD similarity to the training image [train] (lower = less copying)",
