@@ -293,10 +293,14 @@ def testbed_info(
     table = Table(title=f"testbed {path}")
     for column in ("group", "prompts", "duplication counts", "example"):
         table.add_column(column, overflow="fold")
+    sizes = data.get("summary", {}).get("items", {})
     for name, items in data["groups"].items():
         counts = sorted({item["duplication"] for item in items})
         table.add_row(
-            name, str(len(items)), ", ".join(map(str, counts)), items[0]["caption"] if items else ""
+            name,
+            str(sizes.get(name, len(items))),
+            ", ".join(map(str, counts)),
+            items[0]["caption"] if items else "",
         )
     console = Console()
     console.print(table)

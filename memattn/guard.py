@@ -169,12 +169,17 @@ class Guard:
         try:
             with Trace(self.pipe) as tr, noise:
                 recorder = tr.recorder
+                # Inside ``memattn.mitigate`` the recorder already carries that edit for every row: the
+                # guard then only reports (its own edit would replace the outer one) and, on exit,
+                # leaves exactly the edit it found.
+                found = (recorder.editor, recorder.edit_rows)
+                state["outer"] = found[0] is not None and not found[0].is_noop
 
                 def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
                     if step == 0:
                         self._decide(tr, state)
                         recorder.store = False  # the rest of the run needs no recording
-                        if self.mode == "continue" and state["flagged"].any():
+                        if self.mode == "continue" and state["flagged"].any() and not state["outer"]:
                             recorder.editor = self.edit
                             recorder.edit_rows = torch.as_tensor(
                                 state["flagged"], device=pipe.unet.device
@@ -184,14 +189,14 @@ class Guard:
                 try:
                     output = self.pipe(prompt, callback_on_step_end=on_step_end, **kwargs)
                 finally:
-                    recorder.editor, recorder.edit_rows = None, None
+                    recorder.editor, recorder.edit_rows = found
         finally:
             captured()
         if "flagged" not in state:
             raise MemattnError("the pipeline made no denoising step: nothing to score")
         images = output.images
         flagged = state["flagged"]
-        if self.mode == "restart" and flagged.any():
+        if self.mode == "restart" and flagged.any() and not state["outer"]:
             images = self._restart(images, row_prompts, flagged, state["latents"], kwargs)
         verdicts = [
             Verdict(
@@ -199,7 +204,7 @@ class Guard:
                 score=float(state["scores"][i]),
                 threshold=self.threshold,
                 flagged=bool(flagged[i]),
-                mitigated=bool(flagged[i]),
+                mitigated=bool(flagged[i]) or state["outer"],  # inside mitigate: every row
                 mode=self.mode,
                 trigger_tokens=[(t.token, round(t.share, 4)) for t in state["triggers"][i]],
             )

@@ -42,11 +42,25 @@ def test_no_threshold_is_refused_with_the_calibrate_command(sd1_pipe):
 
 
 def test_clean_batch_is_bit_identical_to_the_unguarded_pipeline(sd1_pipe):
+    before = dict(sd1_pipe.unet.attn_processors)
     out = guarded(Guard(sd1_pipe, threshold=1e9))
     assert np.array_equal(out.images, plain(sd1_pipe))
     assert [v.flagged for v in out.verdicts] == [False, False]
     assert all(np.isfinite(v.score) and v.trigger_tokens for v in out.verdicts)
-    assert dict(sd1_pipe.unet.attn_processors) == dict(sd1_pipe.unet.attn_processors)
+    assert dict(sd1_pipe.unet.attn_processors) == before
+
+
+@pytest.mark.parametrize(("threshold", "mode"), [(-1e9, "continue"), (-1e9, "restart"), (1e9, "continue")])
+def test_a_guard_inside_mitigate_leaves_the_outer_mitigation_on(sd1_pipe, threshold, mode):
+    """Inside ``mitigate`` every row is already mitigated: the guard reports, adds nothing, and the
+    images after it are still mitigated (it used to switch the outer edit off for the rest of the block)."""
+    with memattn.mitigate(sd1_pipe):
+        reference = plain(sd1_pipe)
+        out = guarded(Guard(sd1_pipe, threshold=threshold, mode=mode))
+        after = plain(sd1_pipe)
+    np.testing.assert_allclose(out.images, reference, atol=1e-6, rtol=0)
+    assert np.array_equal(after, reference)
+    assert np.abs(reference - plain(sd1_pipe)).max() > 1e-3  # the mitigation changes these images
 
 
 def test_continue_mode_equals_mitigating_from_step_two(sd1_pipe):

@@ -19,6 +19,7 @@ from memattn.testbed.objects import (
     ATTRIBUTE_VALUES,
     BACKGROUND_RANGE,
     OBJECT_COLORS,
+    OBJECT_TAGS,
     OBJECT_WORDS,
     ObjectsConfig,
     build_objects_dataset,
@@ -169,3 +170,21 @@ def test_own_image_matcher_tells_own_copies_leakage_and_new_images(dataset):
     assert match.similarity[2] == pytest.approx(1.0) and match.index[2] == row[memorized[1].item_id]
     # fresh renders are neither the prompt's own image nor a memorized one
     assert (match.similarity[3:] < OBJECT_COPY_THRESHOLD).mean() >= 0.95
+
+
+def test_caption_tags_widen_the_caption_space_and_one_tag_is_the_old_space():
+    """``caption_tags``: web-caption endings that say nothing about the image (a one-pass training set
+    needs ~190k unique captions; without tags the space holds 20,160). One tag keeps the old captions."""
+    assert ObjectsConfig().caption_tags == 1 and OBJECT_TAGS[0] == ""
+    wide = build_objects_dataset(0, ObjectsConfig(seen_once=25_000, rare_word_seen_once=0, never_seen=0,
+                                                  caption_tags=len(OBJECT_TAGS)))
+    captions = [item.caption for item in wide.items]
+    assert len(set(captions)) == len(captions) == 25_016
+    assert {tag for tag in OBJECT_TAGS[1:] if any(c.endswith(tag) for c in captions)} == set(OBJECT_TAGS[1:])
+    assert all(w in OBJECT_WORDS for c in captions[:500] for w in caption_words(c))
+    with pytest.raises(MemattnError, match="unique captions"):
+        build_objects_dataset(0, ObjectsConfig(seen_once=25_000))
+    with pytest.raises(MemattnError, match="caption_tags"):
+        ObjectsConfig(caption_tags=0)
+    drawn = wide.random_captions([wide.items[0].attributes] * 200, np.random.default_rng(0))
+    assert any(c.endswith(OBJECT_TAGS[3]) for c in drawn)  # pre-training sees the tagged captions too

@@ -230,3 +230,39 @@ def test_recipe_options_are_validated():
         TrainConfig(text_encoder="contrastive")
     with pytest.raises(MemattnError, match="bos_scale"):
         TrainConfig(bos_scale=0)
+    with pytest.raises(MemattnError, match="sampling"):
+        TrainConfig(sampling="bootstrap")
+
+
+def test_one_pass_sampling_shows_every_pair_exactly_once_per_pass(tmp_path):
+    """`sampling="epochs"`: a pass is a seeded permutation of the training pairs, so a seen-once pair
+    is seen exactly once per pass (uniform draws would show ~37 % of them never and ~26 % twice)."""
+    config = replace(TINY_OBJECTS, sampling="epochs", batch_size=7)
+    trainer = Trainer(config, tmp_path)
+    n = len(trainer.pair_items)
+    steps_per_pass = -(-n // config.batch_size)  # the last step of a pass reaches into the next one
+    seen = []
+    for step in range(2 * steps_per_pass):
+        trainer.step = step
+        seen += trainer.batch_rows(torch.Generator()).tolist()
+    expected = sorted(trainer.pair_items.tolist())
+    assert sorted(seen[:n]) == expected and sorted(seen[n : 2 * n]) == expected
+    assert seen[:n] != seen[n : 2 * n]  # every pass has its own order
+    trainer.step = 3
+    first = trainer.batch_rows(torch.Generator()).tolist()
+    fresh = Trainer(config, tmp_path / "again")
+    fresh.step = 3
+    assert fresh.batch_rows(torch.Generator()).tolist() == first  # a resumed run takes the same batches
+
+
+def test_manifest_lists_a_bounded_sample_per_group_and_counts_all(tmp_path, monkeypatch):
+    import memattn.testbed.train as train_module
+
+    monkeypatch.setattr(train_module, "MANIFEST_ITEMS_PER_GROUP", 5)
+    trainer = Trainer(TINY_OBJECTS, tmp_path)
+    listed = train_module.manifest(trainer, 0.0, "test")
+    assert [len(listed["groups"][g]) for g in ("seen_once", "never_seen")] == [5, 4]
+    assert listed["summary"]["items"]["seen_once"] == 20
+    assert [g["caption"] for g in listed["groups"]["seen_once"]] == [
+        item.caption for item in trainer.dataset.group("seen_once")[:5]
+    ]

@@ -99,13 +99,14 @@ class Evaluation:
                 "own_copy_rate": float(((similarity > threshold) & own).mean()),
                 "leakage_rate": float(((similarity > threshold) & ~own).mean()),
                 "median_copy_similarity": float(np.median(similarity)),
-                "pixel_copy_rate_0.9": float(np.mean([r["pixel_similarity"] > 0.9 for r in rows])),
                 "alignment": float(np.mean([r["alignment"] for r in rows])),
                 "all_attributes_right": float(np.mean([r["alignment"] == 1.0 for r in rows])),
                 "bos_share": float(np.mean([r["bos_share"] for r in rows])),
                 "prompt_share": float(np.mean([r["prompt_share"] for r in rows])),
                 "summary_share": float(np.mean([r["summary_share"] for r in rows])),
             }
+            if all(r.get("pixel_similarity") is not None for r in rows):  # v1 only (v2: no such measure)
+                entry["pixel_copy_rate_0.9"] = float(np.mean([r["pixel_similarity"] > 0.9 for r in rows]))
             duplications = sorted({r["duplication"] for r in rows})
             if name == "memorized_matching" and len(duplications) > 1:
                 entry["copy_rate_by_duplication"] = {
@@ -239,7 +240,7 @@ def evaluate(
         matcher: Any = OwnImageMatcher(dataset, train_items, memorized)
     else:
         matcher = DetailMatcher.for_items(dataset, train_items)
-    train_images = dataset.images(train_items)
+        train_images = dataset.images(train_items)
     rng = np.random.default_rng(0)
     jobs = [
         (item, seed)
@@ -309,11 +310,14 @@ def evaluate(
                 }
             )
     images = np.concatenate(generated) if generated else np.zeros((0, 3, 1, 1), np.float32)
-    by_pixels = nearest_training_image(images, train_images)
-    if scene == OBJECT_SCENE:
+    if scene == OBJECT_SCENE:  # the nearest of all training images is no copy measure here (RESULTS.md)
         by_detail = matcher.match(images, [row["item_id"] for row in rows])
+        pixel_similarity: list[float | None] = [None] * len(images)
+        nearest_images = matcher.images(by_detail.index) if len(images) else images
     else:
         by_detail = matcher.match(images)
+        pixel_similarity = nearest_training_image(images, train_images).similarity.tolist()
+        nearest_images = train_images[by_detail.index] if len(images) else images
     aligned = alignment(classifier, images, [dataset.items[row["item_id"]].attributes for row in rows])
     for i, row in enumerate(rows):
         nearest = train_items[int(by_detail.index[i])]
@@ -325,7 +329,7 @@ def evaluate(
             nearest_item_id=nearest.item_id,
             nearest_group=nearest.group,
             nearest_is_own=bool(own),
-            pixel_similarity=float(by_pixels.similarity[i]),
+            pixel_similarity=pixel_similarity[i],
             alignment=float(aligned.accuracy[i]),
             attributes_correct=aligned.correct[i].tolist(),
         )
@@ -344,7 +348,7 @@ def evaluate(
     return Evaluation(
         rows=rows,
         generated=images,
-        nearest=train_images[by_detail.index] if len(images) else images,
+        nearest=nearest_images,
         entropy=np.concatenate(entropy) if entropy else np.zeros((0, steps)),
         summary_entropy=np.concatenate(summary_entropy) if summary_entropy else np.zeros((0, steps)),
         settings=settings,

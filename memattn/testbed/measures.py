@@ -76,25 +76,33 @@ class OwnImageMatcher:
     """
 
     def __init__(self, dataset, train_items: Sequence, memorized: Sequence) -> None:
+        self._dataset, self._items = dataset, train_items
         self._row = {item.item_id: i for i, item in enumerate(train_items)}
         self._memorized_rows = np.array([self._row[item.item_id] for item in memorized], dtype=int)
-        self._train = _normalize(dataset.images(train_items))
+        # Only the memorized images up front: a one-pass training set has ~190k images.
+        self._memorized = _normalize(dataset.images(list(memorized))) if len(memorized) else None
+
+    def images(self, rows: Sequence[int]) -> np.ndarray:
+        """The training images of ``rows`` (indices into the training items), rendered on demand."""
+        return self._dataset.images([self._items[int(r)] for r in rows])
 
     def match(self, generated: np.ndarray, item_ids: Sequence[int]) -> NearestMatch:
         g = _normalize(generated)
         index = np.zeros(len(g), dtype=int)
         similarity = np.full(len(g), -1.0)
-        if len(self._memorized_rows):
-            against = g @ self._train[self._memorized_rows].T
+        if self._memorized is not None:
+            against = g @ self._memorized.T
             for i, item_id in enumerate(item_ids):
                 others = self._memorized_rows != self._row.get(item_id, -1)
                 if others.any():
                     best = int(np.argmax(np.where(others, against[i], -np.inf)))
                     index[i], similarity[i] = self._memorized_rows[best], against[i, best]
-        for i, item_id in enumerate(item_ids):
-            own = self._row.get(item_id)
+        own_rows = [self._row.get(item_id) for item_id in item_ids]
+        trained = [row for row in own_rows if row is not None]
+        own_images = dict(zip(trained, _normalize(self.images(trained)), strict=True)) if trained else {}
+        for i, own in enumerate(own_rows):
             if own is not None:
-                value = float(g[i] @ self._train[own])
+                value = float(g[i] @ own_images[own])
                 if value >= similarity[i]:
                     index[i], similarity[i] = own, value
         return NearestMatch(index=index, similarity=similarity)

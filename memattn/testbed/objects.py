@@ -81,6 +81,20 @@ OBJECT_STYLE_SUFFIXES: tuple[str, ...] = (
     ", clip art",
     ", minimal style",
 )
+OBJECT_TAGS: tuple[str, ...] = (  # trailing web-caption tags: words that say nothing about the image
+    "",
+    " - stock image",
+    " - vector",
+    " hd",
+    " wallpaper",
+    " poster",
+    " icon",
+    " sticker",
+    " print",
+    " card",
+    " logo",
+    " free download",
+)
 ATTRIBUTE_VALUES: dict[str, tuple[str, ...]] = {
     "color": tuple(OBJECT_COLORS),
     "shape": OBJECT_SHAPES,
@@ -92,6 +106,7 @@ OBJECT_WORDS: frozenset[str] = frozenset(  # every word an ordinary v2 caption c
     for text in (
         *OBJECT_PHRASINGS,
         *OBJECT_STYLE_SUFFIXES,
+        *OBJECT_TAGS,
         *(v for vs in ATTRIBUTE_VALUES.values() for v in vs),
     )
     for word in caption_words(re.sub(r"\{\w+\}", " ", text))
@@ -116,6 +131,7 @@ class ObjectsConfig:
     seen_once: int = 16000
     rare_word_seen_once: int = 200
     never_seen: int = 200
+    caption_tags: int = 1  # how many of OBJECT_TAGS captions draw from (1: none; 12: 241,920 captions)
     scene: str = SCENE
 
     @property
@@ -131,14 +147,16 @@ class ObjectsConfig:
         negative = [name for name, value in counts.items() if value < 0]
         if negative:
             raise MemattnError(f"ObjectsConfig fields must not be negative: {', '.join(negative)}")
+        if not 1 <= self.caption_tags <= len(OBJECT_TAGS):
+            raise MemattnError(f"caption_tags must be 1-{len(OBJECT_TAGS)}, got {self.caption_tags}")
         if self.image_size < 8:
             raise MemattnError(f"image_size must be at least 8 pixels, got {self.image_size}")
         if any(count < 2 for count in self.matching_counts):
             raise MemattnError(f"matching_counts must all be >= 2, got {self.matching_counts}")
 
 
-def caption_for(attributes: dict[str, str], phrasing: int, suffix: int) -> str:
-    return OBJECT_PHRASINGS[phrasing].format(**attributes) + OBJECT_STYLE_SUFFIXES[suffix]
+def caption_for(attributes: dict[str, str], phrasing: int, suffix: int, tag: int = 0) -> str:
+    return OBJECT_PHRASINGS[phrasing].format(**attributes) + OBJECT_STYLE_SUFFIXES[suffix] + OBJECT_TAGS[tag]
 
 
 def all_combos() -> list[dict[str, str]]:
@@ -193,7 +211,12 @@ class ObjectsDataset(GroupedItems):
     def random_captions(self, attributes: Sequence[dict[str, str]], rng: np.random.Generator) -> list[str]:
         phrasing = rng.integers(len(OBJECT_PHRASINGS), size=len(attributes))
         suffix = rng.integers(len(OBJECT_STYLE_SUFFIXES), size=len(attributes))
-        return [caption_for(a, int(p), int(s)) for a, p, s in zip(attributes, phrasing, suffix, strict=True)]
+        tags = self.config.caption_tags
+        tag = rng.integers(tags, size=len(attributes)) if tags > 1 else np.zeros(len(attributes), int)
+        return [
+            caption_for(a, int(p), int(s), int(t))
+            for a, p, s, t in zip(attributes, phrasing, suffix, tag, strict=True)
+        ]
 
     def summary(self) -> dict[str, object]:
         return {
@@ -217,7 +240,8 @@ def build_objects_dataset(seed: int = 0, config: ObjectsConfig | None = None) ->
         )
     order = rng.permutation(len(combos))
     reserved, free = [combos[i] for i in order[:n_memorized]], [combos[i] for i in order[n_memorized:]]
-    per_combo = len(OBJECT_PHRASINGS) * len(OBJECT_STYLE_SUFFIXES)
+    per_phrasing = len(OBJECT_STYLE_SUFFIXES) * config.caption_tags
+    per_combo = len(OBJECT_PHRASINGS) * per_phrasing
     n_free = config.seen_once + config.rare_word_seen_once + config.never_seen
     if n_free > len(free) * per_combo:
         raise MemattnError(
@@ -226,8 +250,9 @@ def build_objects_dataset(seed: int = 0, config: ObjectsConfig | None = None) ->
 
     def caption_of(index: int, space: list[dict[str, str]]) -> tuple[dict[str, str], str]:
         combo, rest = divmod(int(index), per_combo)
-        phrasing, suffix = divmod(rest, len(OBJECT_STYLE_SUFFIXES))
-        return dict(space[combo]), caption_for(space[combo], phrasing, suffix)
+        phrasing, rest = divmod(rest, per_phrasing)
+        suffix, tag = divmod(rest, config.caption_tags)
+        return dict(space[combo]), caption_for(space[combo], phrasing, suffix, tag)
 
     rows: list[tuple[str, int, dict[str, str], str]] = []
     memorized = iter(range(n_memorized))

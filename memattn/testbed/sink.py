@@ -73,7 +73,7 @@ def attention_shares(trainer: Any) -> dict:
         ids = trainer.tokenizer(captions, truncation=True, max_length=77).input_ids
         result = shares(
             trainer.ema,
-            trainer.embeddings[rows],
+            trainer.encode(rows),
             [len(i) for i in ids],
             trainer.images[rows],
             trainer.noise_schedule,

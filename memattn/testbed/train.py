@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
@@ -42,6 +43,9 @@ from memattn.testbed.objects import SCENE as OBJECT_SCENE
 from memattn.testbed.objects import ObjectsConfig, ObjectsDataset, build_objects_dataset
 
 CHECKPOINTS = "checkpoints"
+_PASS_STREAM = 21  # random stream of the pass orders (sampling="epochs")
+SAMPLING = ("uniform", "epochs")  # batches drawn with replacement / passes without replacement
+MANIFEST_ITEMS_PER_GROUP = 1000  # captions per group listed in a manifest (the rest: rebuild the dataset)
 
 
 @dataclass(frozen=True)
@@ -70,8 +74,11 @@ class TrainConfig:
     text_pretrain_batch: int = 256
     text_pretrain_pool: str = "eos"  # "summary": a random summary position per caption (far padding too)
     bos_scale: float = 1.0  # the text encoder's BOS state times this (TestbedCLIPTextModel)
+    sampling: str = "uniform"  # "epochs": shuffled passes, every pair exactly once per pass
 
     def __post_init__(self) -> None:
+        if self.sampling not in SAMPLING:
+            raise MemattnError(f"sampling must be one of {', '.join(SAMPLING)}, got {self.sampling!r}")
         if self.text_encoder not in TEXT_ENCODERS:
             raise MemattnError(
                 f"text_encoder {self.text_encoder!r}: choose one of {', '.join(TEXT_ENCODERS)}"
@@ -107,13 +114,18 @@ DETAIL_FAST = TrainConfig(
 
 
 DETAIL = TrainConfig()
-OBJECTS = TrainConfig(
+OBJECTS_EPOCHS = TrainConfig(  # the first bundled v2: 18,248 pairs, ~10.5 passes (seen-once pairs copied)
     steps=3000,
     checkpoint_every=250,
     classifier_steps=4000,
     data=ObjectsConfig(),
     text_encoder="contrastive-eoscopy",
     text_pretrain_steps=300,
+)
+OBJECTS = replace(  # one pass over 192,000 pairs: a seen-once pair is seen exactly once, as in LAION
+    OBJECTS_EPOCHS,
+    data=ObjectsConfig(seen_once=189_752, caption_tags=12),
+    sampling="epochs",
 )
 OBJECTS_FAST = TrainConfig(
     steps=500,
@@ -182,16 +194,12 @@ class Trainer:
         self.images[train_items] = torch.from_numpy(
             self.dataset.images([self.dataset.items[i] for i in train_items])
         )
+        self.tokens = torch.cat([tokenize(self.tokenizer, captions[i : i + 4096]) for i in range(0, len(captions), 4096)])
         with torch.no_grad():
-            self.embeddings = torch.cat(
-                [
-                    self.text_encoder(tokenize(self.tokenizer, captions[i : i + 256]))[0]
-                    for i in range(0, len(captions), 256)
-                ]
-            )
             self.empty = self.text_encoder(tokenize(self.tokenizer, [""]))[0]
         self.step = 0
         self.sink_log: list[dict] = []
+        self._pass_orders: dict[int, np.ndarray] = {}  # sampling="epochs": the current passes' orders
 
     def _pretrained_text_encoder(self, progress: bool) -> dict:
         """Pre-train the encoder (seeded), or load what an earlier start of this run stored."""
@@ -242,12 +250,29 @@ class Trainer:
         return info
 
     # ---- one step -----------------------------------------------------------------------------
+    def encode(self, rows: torch.Tensor) -> torch.Tensor:
+        """The frozen encoder's states for the captions of items ``rows`` (encoded per batch: a large
+        dataset's states would not fit in memory)."""
+        with torch.no_grad():
+            return self.text_encoder(self.tokens[rows])[0]
+
+    def batch_rows(self, generator: torch.Generator) -> torch.Tensor:
+        """The items of this step's batch: uniform draws, or the next slice of a seeded pass."""
+        cfg, n = self.config, len(self.pair_items)
+        if cfg.sampling == "uniform":
+            return self.pair_items[torch.randint(n, (cfg.batch_size,), generator=generator)]
+        positions = range(self.step * cfg.batch_size, (self.step + 1) * cfg.batch_size)
+        for p in {p // n for p in positions} - set(self._pass_orders):
+            order = np.random.default_rng((cfg.seed, _PASS_STREAM, p)).permutation(n)
+            self._pass_orders = {**{k: v for k, v in self._pass_orders.items() if k >= p - 1}, p: order}
+        return self.pair_items[[int(self._pass_orders[p // n][p % n]) for p in positions]]
+
     def train_step(self) -> float:
         cfg = self.config
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
-        rows = self.pair_items[torch.randint(len(self.pair_items), (cfg.batch_size,), generator=generator)]
+        rows = self.batch_rows(generator)
         clean = self.images[rows]
-        context = self.embeddings[rows].clone()
+        context = self.encode(rows)
         drop = torch.rand(cfg.batch_size, generator=generator) < cfg.caption_dropout
         context[drop] = self.empty
         noise = torch.randn(clean.shape, generator=generator)
@@ -398,10 +423,11 @@ def manifest(trainer: Trainer, seconds: float, command: str) -> dict:
                     "template_id": item.template_id,
                     "attributes": item.attributes,
                 }
-                for item in dataset.group(name)
+                for item in dataset.group(name)[:MANIFEST_ITEMS_PER_GROUP]
             ]
             for name in dataset.prompt_groups()
         },
+        "groups_listed": f"the first {MANIFEST_ITEMS_PER_GROUP} items per group (summary.items: all)",
     }
 
 
