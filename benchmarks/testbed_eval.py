@@ -30,7 +30,8 @@ def print_summary(summary: dict) -> None:
     for name, g in summary["groups"].items():
         print(
             f"{name:22} {g['n']:>4} {g['copy_rate']:>6.2f} {g['median_copy_similarity']:>8.3f} "
-            f"{g.get('pixel_copy_rate_0.9', float('nan')):>7.2f} {g['alignment']:>6.3f} {g['all_attributes_right']:>5.2f} "
+            f"{g.get('pixel_copy_rate_0.9', float('nan')):>7.2f} {g['alignment']:>6.3f} "
+            f"{g['all_attributes_right']:>5.2f} "
             f"{g['bos_share']:>6.3f} {g['prompt_share']:>7.3f} {g['summary_share']:>8.3f}"
         )
         if "copy_rate_by_duplication" in g:

@@ -36,10 +36,10 @@ def detect(
     scores: Annotated[
         str, typer.Option(help="Comma-separated scores: d (full generation), e (first step).")
     ] = "d,e",
-    steps: Annotated[int, typer.Option(help="Denoising steps (the paper: 50).")] = 50,
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.5,
-    seed: Annotated[int, typer.Option(help="Base seed; prompt i uses seed + i.")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Prompts per pipeline call.")] = 8,
+    steps: Annotated[int, typer.Option(min=1, help="Denoising steps (the paper: 50).")] = 50,
+    guidance: Annotated[float, typer.Option(min=0.0, help="Classifier-free guidance scale.")] = 7.5,
+    seed: Annotated[int, typer.Option(min=0, help="Base seed; prompt i uses seed + i.")] = 0,
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts per pipeline call.")] = 8,
     layer: Annotated[
         str | None, typer.Option(help="Layer for score E: forward index or diffusers name.")
     ] = None,
@@ -93,10 +93,10 @@ def calibrate(
     fpr: Annotated[float, typer.Option(help="Share of clean prompts the threshold may flag.")] = 0.01,
     score: Annotated[str, typer.Option(help="Step-1 score: e (the paper's) or wen (noise norm).")] = "e",
     layer: Annotated[str | None, typer.Option(help="Layer for E (default: the paper's).")] = None,
-    steps: Annotated[int, typer.Option(help="Denoising steps of the schedule to score under.")] = 50,
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.5,
-    batch_size: Annotated[int, typer.Option(help="Prompts per pipeline call.")] = 16,
-    seed: Annotated[int, typer.Option(help="Base seed; prompt i uses seed + i.")] = 0,
+    steps: Annotated[int, typer.Option(min=1, help="Denoising steps of the schedule to score under.")] = 50,
+    guidance: Annotated[float, typer.Option(min=0.0, help="Classifier-free guidance scale.")] = 7.5,
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts per pipeline call.")] = 16,
+    seed: Annotated[int, typer.Option(min=0, help="Base seed; prompt i uses seed + i.")] = 0,
     out: Annotated[
         Path | None, typer.Option(help="Where to write the JSON (default: memattn_guard.json in the model).")
     ] = None,
@@ -165,9 +165,9 @@ def generate(
         typer.Option(help="The method's strength (ren2024: C, default --c; rta/rna: items; gni: λ; ...)."),
     ] = None,
     threshold: Annotated[float | None, typer.Option(help="Guard threshold (default: calibrated).")] = None,
-    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 50,
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.5,
-    seed: Annotated[int, typer.Option(help="Base seed; prompt i uses seed + i.")] = 0,
+    steps: Annotated[int, typer.Option(min=1, help="Denoising steps.")] = 50,
+    guidance: Annotated[float, typer.Option(min=0.0, help="Classifier-free guidance scale.")] = 7.5,
+    seed: Annotated[int, typer.Option(min=0, help="Base seed; prompt i uses seed + i.")] = 0,
     device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
 ) -> None:
     """Generate images; with --guard, each gets a verdict (score, flagged, mitigated, trigger tokens)."""
@@ -243,8 +243,10 @@ def testbed_train(
     detail: Annotated[
         bool, typer.Option(help="Testbed v1 (fine-detail memorization, 'testbed-detail') instead of v2.")
     ] = False,
-    steps: Annotated[int | None, typer.Option(help="Override the recipe's number of steps.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Override the recipe's seed (data and weights).")] = None,
+    steps: Annotated[int | None, typer.Option(min=1, help="Override the recipe's number of steps.")] = None,
+    seed: Annotated[
+        int | None, typer.Option(min=0, help="Override the recipe's seed (data and weights).")
+    ] = None,
     text_encoder: Annotated[
         str | None,
         typer.Option(help="Override the text encoder: random, contrastive or contrastive-eoscopy."),
@@ -314,7 +316,7 @@ def testbed_info(
 def testbed_prompts(
     group: Annotated[str, typer.Argument(help="Ground-truth group, e.g. never_seen or memorized_matching.")],
     model: Annotated[str, typer.Option(help="Testbed pipeline directory ('testbed': bundled).")] = "testbed",
-    duplication: Annotated[int | None, typer.Option(help="Only items seen this many times.")] = None,
+    duplication: Annotated[int | None, typer.Option(min=0, help="Only items seen this many times.")] = None,
 ) -> None:
     """Print one ground-truth group's prompts, one per line (e.g. clean prompts for `memattn calibrate`)."""
     from memattn.loading import resolve_model
@@ -336,12 +338,13 @@ def testbed_report(
     out: Annotated[
         Path, typer.Option(help="Directory for report.html, PNGs, summary.json, rows.jsonl.")
     ] = Path("artifacts/testbed-report"),
-    per_group: Annotated[int, typer.Option(help="Prompts per ground-truth group.")] = 24,
-    seeds: Annotated[int, typer.Option(help="Seeds per prompt.")] = 2,
+    per_group: Annotated[int, typer.Option(min=1, help="Prompts per ground-truth group.")] = 24,
+    seeds: Annotated[int, typer.Option(min=1, help="Seeds per prompt.")] = 2,
     guidance: Annotated[
-        float, typer.Option(help="Classifier-free guidance scale; 1 = no CFG (one conditional pass).")
+        float,
+        typer.Option(min=0.0, help="Classifier-free guidance scale; 1 = no CFG (one conditional pass)."),
     ] = 2.0,
-    steps: Annotated[int, typer.Option(help="DDIM steps.")] = 25,
+    steps: Annotated[int, typer.Option(min=1, help="DDIM steps.")] = 25,
     mitigation: Annotated[
         bool, typer.Option(help="Also generate the 128x and never-seen prompts under the paper's mitigation.")
     ] = True,

@@ -56,12 +56,17 @@ def finetune(
         str, typer.Option(help="Which tail is dropped: high or low (measure it: docs/training.md).")
     ] = "high",
     window: Annotated[
-        int, typer.Option(help="z-score statistics: 0 = per batch, N = running window of N scores per bin.")
+        int,
+        typer.Option(
+            min=0, help="z-score statistics: 0 = per batch, N = running window of N scores per bin."
+        ),
     ] = 0,
     timestep_bins: Annotated[
-        int, typer.Option(help="z-score statistics kept separately per this many timestep bins.")
+        int, typer.Option(min=1, help="z-score statistics kept separately per this many timestep bins.")
     ] = 1,
-    min_samples: Annotated[int, typer.Option(help="z-score: fewer reference scores than this keep all.")] = 8,
+    min_samples: Annotated[
+        int, typer.Option(min=1, help="z-score: fewer reference scores than this keep all.")
+    ] = 8,
     layers: Annotated[
         str | None,
         typer.Option(help="Entropy: comma-separated cross-attention layers (indices or names); default all."),
@@ -69,7 +74,7 @@ def finetune(
     caption_aug_prob: Annotated[
         float, typer.Option(help="caption-aug: probability a caption gets random tokens (Somepalli: 0.1).")
     ] = 0.1,
-    caption_aug_tokens: Annotated[int, typer.Option(help="caption-aug: random tokens inserted.")] = 2,
+    caption_aug_tokens: Annotated[int, typer.Option(min=1, help="caption-aug: random tokens inserted.")] = 2,
     drop_prob: Annotated[
         float, typer.Option(help="random-drop: probability each captioned sample is dropped.")
     ] = 0.0,
@@ -77,16 +82,20 @@ def finetune(
         bool,
         typer.Option(help="Log entropy and noise norm of every sample (extra cost; drops nothing more)."),
     ] = False,
-    max_train_steps: Annotated[int, typer.Option(help="Optimizer steps in all.")] = 1000,
-    train_batch_size: Annotated[int, typer.Option(help="Samples per micro-batch per process.")] = 16,
-    gradient_accumulation_steps: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
+    max_train_steps: Annotated[int, typer.Option(min=1, help="Optimizer steps in all.")] = 1000,
+    train_batch_size: Annotated[int, typer.Option(min=1, help="Samples per micro-batch per process.")] = 16,
+    gradient_accumulation_steps: Annotated[
+        int, typer.Option(min=1, help="Micro-batches per optimizer step.")
+    ] = 1,
     learning_rate: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-4,
     lr_scheduler: Annotated[
         str, typer.Option(help="diffusers schedule: constant, constant_with_warmup, linear, cosine, ...")
     ] = "constant",
-    lr_warmup_steps: Annotated[int, typer.Option(help="Warm-up steps of the LR schedule.")] = 0,
-    adam_weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 1e-2,
-    max_grad_norm: Annotated[float, typer.Option(help="Gradient clipping norm; 0 turns clipping off.")] = 1.0,
+    lr_warmup_steps: Annotated[int, typer.Option(min=0, help="Warm-up steps of the LR schedule.")] = 0,
+    adam_weight_decay: Annotated[float, typer.Option(min=0.0, help="AdamW weight decay.")] = 1e-2,
+    max_grad_norm: Annotated[
+        float, typer.Option(min=0.0, help="Gradient clipping norm; 0 turns clipping off.")
+    ] = 1.0,
     caption_dropout: Annotated[
         float, typer.Option(help="Share of captions replaced by the empty prompt (trains the CFG branch).")
     ] = 0.0,
@@ -99,15 +108,17 @@ def finetune(
     use_ema: Annotated[bool, typer.Option(help="Keep an EMA of the UNet and export it.")] = False,
     ema_decay: Annotated[float, typer.Option(help="EMA decay (warm-up: min(decay, (1+s)/(10+s))).")] = 0.9999,
     checkpointing_steps: Annotated[
-        int, typer.Option(help="Write a checkpoint every N steps (and at the end).")
+        int, typer.Option(min=1, help="Write a checkpoint every N steps (and at the end).")
     ] = 500,
     checkpoints_total_limit: Annotated[
-        int | None, typer.Option(help="Keep only the newest N checkpoints.")
+        int | None, typer.Option(min=1, help="Keep only the newest N checkpoints.")
     ] = None,
     resume_from_checkpoint: Annotated[
         str | None, typer.Option(help="'latest' (new run if there is none) or a checkpoints/step-N path.")
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seeds the batches, noise, timesteps and augmentation.")] = 0,
+    seed: Annotated[
+        int, typer.Option(min=0, help="Seeds the batches, noise, timesteps and augmentation.")
+    ] = 0,
     progress: Annotated[bool, typer.Option(help="Show the progress bar (loss, drop rate).")] = True,
 ) -> None:
     """Fine-tune a pipeline's UNet (text encoder frozen) with a training-time memorization mitigation."""

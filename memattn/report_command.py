@@ -28,13 +28,14 @@ def register(app: typer.Typer) -> None:
                 "(default: the scan's model if it is a local directory or 'testbed'; 'none': skip).",
             ),
         ] = None,
-        top: Annotated[int, typer.Option(help="Flagged prompts listed in the table.")] = 20,
+        top: Annotated[int, typer.Option(min=1, help="Flagged prompts listed in the table.")] = 20,
         maps: Annotated[
             int, typer.Option(help="Flagged prompts (and as many clean ones) regenerated for heat maps.")
         ] = 4,
-        steps: Annotated[int, typer.Option(help="Denoising steps of the regeneration.")] = 25,
+        steps: Annotated[int, typer.Option(min=1, help="Denoising steps of the regeneration.")] = 25,
         guidance: Annotated[
-            float | None, typer.Option(help="Guidance scale of the regeneration (default: the scan's).")
+            float | None,
+            typer.Option(min=0.0, help="Guidance scale of the regeneration (default: the scan's)."),
         ] = None,
         score: Annotated[
             str | None, typer.Option(help="Score column to rank by (default: the thresholded one, else E).")
@@ -50,7 +51,15 @@ def register(app: typer.Typer) -> None:
 
         quiet_loading()
         path = write_scan_report(
-            results, out, model=model, top=top, maps=maps, steps=steps, guidance_scale=guidance, score=score,
-            device=device, dtype=dtype,
+            results,
+            out,
+            model=model,
+            top=top,
+            maps=maps,
+            steps=steps,
+            guidance_scale=guidance,
+            score=score,
+            device=device,
+            dtype=dtype,
         )
         Console().print(f"report: {path}")

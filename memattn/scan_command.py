@@ -32,17 +32,17 @@ def scan(
         typer.Option(help="Output: a directory of Parquet parts (read it with pyarrow.parquet.read_table)."),
     ],
     batch_size: Annotated[
-        int, typer.Option(help="Prompts per UNet call; fixes the batches (resume needs it).")
+        int, typer.Option(min=1, help="Prompts per UNet call; fixes the batches (resume needs it).")
     ] = 8,
     full: Annotated[
         bool, typer.Option("--full", help="Run all steps: adds score D (slower by about --steps times).")
     ] = False,
-    steps: Annotated[int, typer.Option(help="Denoising steps of the schedule (the paper: 50).")] = 50,
+    steps: Annotated[int, typer.Option(min=1, help="Denoising steps of the schedule (the paper: 50).")] = 50,
     guidance: Annotated[
         float | None,
-        typer.Option(help="Classifier-free guidance scale (default: the calibration's, else 7.5)."),
+        typer.Option(min=0.0, help="Classifier-free guidance scale (default: the calibration's, else 7.5)."),
     ] = None,
-    seed: Annotated[int, typer.Option(help="Base seed; input row i uses seed + i.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Base seed; input row i uses seed + i.")] = 0,
     layer: Annotated[str | None, typer.Option(help="Layer for score E (default: the paper's).")] = None,
     too_long: Annotated[
         str,
@@ -50,7 +50,7 @@ def scan(
             help="Prompts over 77 tokens: truncate (score the first 77, as generation does) or skip."
         ),
     ] = "truncate",
-    top_k: Annotated[int, typer.Option(help="Trigger tokens kept per prompt.")] = 3,
+    top_k: Annotated[int, typer.Option(min=1, help="Trigger tokens kept per prompt.")] = 3,
     calibration: Annotated[
         str | None,
         typer.Option(
@@ -61,7 +61,7 @@ def scan(
     part_rows: Annotated[
         int, typer.Option(help="Rows per Parquet part (a crash loses at most one part).")
     ] = 2048,
-    part_seconds: Annotated[float, typer.Option(help="Write a part at least this often.")] = 60.0,
+    part_seconds: Annotated[float, typer.Option(min=0.0, help="Write a part at least this often.")] = 60.0,
     device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
     dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16.")] = "float32",
     progress: Annotated[bool, typer.Option(help="Show a progress bar (prompts/s, ETA) on stderr.")] = True,
@@ -81,7 +81,9 @@ def scan(
     ] = None,
     actors: Annotated[
         int | None,
-        typer.Option(help="Ray actors, each holding the pipeline (default: one per GPU with cuda, else 2)."),
+        typer.Option(
+            min=1, help="Ray actors, each holding the pipeline (default: one per GPU with cuda, else 2)."
+        ),
     ] = None,
     cpus_per_actor: Annotated[
         int, typer.Option(help="CPU actors: CPUs (and torch threads) each reserves.")

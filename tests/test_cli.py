@@ -91,3 +91,30 @@ def test_directory_without_pipeline_or_safetensors(tmp_path, model_dir):
     file_path.write_bytes(b"not a checkpoint")
     result = cli("detect", "a dog", "--model", str(file_path))
     assert result.returncode == 2 and "single file" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["detect", "a dog", "--batch-size", "-1"], "--batch-size"),
+        (["detect", "a dog", "--batch-size", "0"], "--batch-size"),
+        (["detect", "a dog", "--scores", "e", "--steps", "0"], "--steps"),
+        (["detect", "a dog", "--guidance", "-3"], "--guidance"),
+        (["calibrate", "--clean", "x.txt", "--batch-size", "0"], "--batch-size"),
+        (["calibrate", "--clean", "x.txt", "--steps", "0"], "--steps"),
+        (["generate", "a dog", "--out", "x", "--steps", "0"], "--steps"),
+        (["scan", "in.txt", "--out", "o", "--batch-size", "0"], "--batch-size"),
+        (["scan", "in.txt", "--out", "o", "--top-k", "-1"], "--top-k"),
+        (["bench", "detect", "--per-group", "0"], "--per-group"),
+        (["bench", "mitigate", "--seeds", "0"], "--seeds"),
+        (["testbed", "report", "--per-group", "-2"], "--per-group"),
+        (["finetune", "--train-batch-size", "0"], "--train-batch-size"),
+    ],
+)
+def test_zero_or_negative_sizes_are_refused_before_any_work(args, option):
+    """A count, size or step number below its minimum exits 2 naming the option (``detect --batch-size
+    -1`` printed an empty table and exited 0), before a model loads."""
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.replace("│", " ").split())  # rich wraps the error box
+    assert option in text and "greater than or equal" in text

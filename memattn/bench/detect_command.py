@@ -111,12 +111,12 @@ def bench_detect(
     ] = None,
     clean: Annotated[Path | None, typer.Option(help="Non-memorized prompts, same formats.")] = None,
     seeds: Annotated[
-        int, typer.Option(help="Generations per prompt (seed = index in its file + 100000 * k).")
+        int, typer.Option(min=1, help="Generations per prompt (seed = index in its file + 100000 * k).")
     ] = 3,
-    steps: Annotated[int, typer.Option(help="Denoising steps (the paper: 50).")] = 50,
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (> 1).")] = 7.5,
-    per_group: Annotated[int, typer.Option(help="Testbed only: prompts per ground-truth group.")] = 32,
-    batch_size: Annotated[int, typer.Option(help="Images per pipeline call.")] = 8,
+    steps: Annotated[int, typer.Option(min=1, help="Denoising steps (the paper: 50).")] = 50,
+    guidance: Annotated[float, typer.Option(min=0.0, help="Classifier-free guidance scale (> 1).")] = 7.5,
+    per_group: Annotated[int, typer.Option(min=1, help="Testbed only: prompts per ground-truth group.")] = 32,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per pipeline call.")] = 8,
     scheduler: Annotated[
         str, typer.Option(help="ddim (the paper's setting; one UNet call per step) or model (keep its own).")
     ] = "ddim",

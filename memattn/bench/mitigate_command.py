@@ -90,15 +90,20 @@ def mitigate_command(
         Path | None,
         typer.Option(help="Training images of the memorized prompts, named i.png or 0000.png (with --sscd)."),
     ] = None,
-    seeds: Annotated[int, typer.Option(help="Seeds per prompt (prompt i, seed s: 1000·s + i).")] = 1,
+    seeds: Annotated[int, typer.Option(min=1, help="Seeds per prompt (prompt i, seed s: 1000·s + i).")] = 1,
     per_group: Annotated[
-        int | None, typer.Option(help="Testbed only: prompts per ground-truth group (default 48).")
+        int | None, typer.Option(min=1, help="Testbed only: prompts per ground-truth group (default 48).")
     ] = None,
-    steps: Annotated[int | None, typer.Option(help="Denoising steps (default: testbed 25, else 50).")] = None,
+    steps: Annotated[
+        int | None, typer.Option(min=1, help="Denoising steps (default: testbed 25, else 50).")
+    ] = None,
     guidance: Annotated[
-        float | None, typer.Option(help="Classifier-free guidance scale (default: testbed 2, else 7.5).")
+        float | None,
+        typer.Option(min=0.0, help="Classifier-free guidance scale (default: testbed 2, else 7.5)."),
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per pipeline call (SSCD/CLIP batches too).")] = 8,
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Images per pipeline call (SSCD/CLIP batches too).")
+    ] = 8,
     device: Annotated[str, typer.Option(help="torch device for the pipeline, SSCD and CLIP.")] = "cpu",
     dtype: Annotated[str, typer.Option(help="Pipeline dtype: float32, float16 or bfloat16.")] = "float32",
     out: Annotated[

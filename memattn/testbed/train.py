@@ -194,7 +194,9 @@ class Trainer:
         self.images[train_items] = torch.from_numpy(
             self.dataset.images([self.dataset.items[i] for i in train_items])
         )
-        self.tokens = torch.cat([tokenize(self.tokenizer, captions[i : i + 4096]) for i in range(0, len(captions), 4096)])
+        self.tokens = torch.cat(
+            [tokenize(self.tokenizer, captions[i : i + 4096]) for i in range(0, len(captions), 4096)]
+        )
         with torch.no_grad():
             self.empty = self.text_encoder(tokenize(self.tokenizer, [""]))[0]
         self.step = 0
