@@ -1,70 +1,49 @@
-"""Read prompt files: .txt (one per line), .jsonl / .csv / .parquet (a ``prompt`` or ``caption`` field).
+"""Read a whole prompt file for the commands that score a list (calibrate, bench): the scan's reader.
 
-Errors name the file and the fix: an unknown extension, an empty file, a missing field, bad UTF-8.
+Every command reads prompt files through ``memattn.scan.inputs`` (one rule for what a prompt is): a
+bad line or record (not valid JSON or UTF-8, a null or a number where text belongs, an empty prompt, NUL
+bytes) is skipped with its reason, which is printed once per file on stderr; a file with no usable
+prompt, an unknown extension or no prompt column is a one-line error.
 """
 
 from __future__ import annotations
 
-import csv
-import json
+import sys
 from pathlib import Path
+from typing import TextIO
 
 from memattn.errors import MemattnError
 
-FIELDS = ("prompt", "caption")
-SUFFIXES = (".txt", ".jsonl", ".csv", ".parquet")
+_SHOWN_REASONS = 3  # skipped rows named in the note; the rest are counted
 
 
-def _field(names: list[str], path: Path) -> str:
-    for name in FIELDS:
-        if name in names:
-            return name
-    raise MemattnError(f"{path} has no 'prompt' or 'caption' field (found: {', '.join(names) or 'none'})")
+def read_prompts(path: str | Path, *, notes: TextIO | None = None) -> list[str]:
+    """The usable prompts of a file, in order; skipped rows are noted on ``notes`` (default stderr).
 
+    Blank .txt lines are layout, not prompts: they are dropped without a note.
+    """
+    from memattn.scan.inputs import iter_prompts
 
-def read_prompts(path: str | Path) -> list[str]:
-    """All prompts of a file, in order (blank .txt lines are skipped: they are layout, not prompts)."""
     path = Path(path)
-    if not path.is_file():
-        raise MemattnError(f"prompt file {path} does not exist")
-    suffix = path.suffix.lower()
-    if suffix not in SUFFIXES:
-        raise MemattnError(
-            f"{path}: unsupported prompt file type {suffix!r}; use one of {', '.join(SUFFIXES)}"
-        )
+    prompts: list[str] = []
+    skipped: list[str] = []
+    blank_is_layout = path.suffix.lower() == ".txt"
+    unit = "line" if path.suffix.lower() in (".txt", ".jsonl") else "record"
     try:
-        if suffix == ".txt":
-            prompts = [line.rstrip("\r\n") for line in path.read_text(encoding="utf-8").splitlines()]
-            prompts = [p for p in prompts if p.strip()]
-        elif suffix == ".jsonl":
-            rows = []
-            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as error:
-                        raise MemattnError(f"{path}: line {number} is not valid JSON ({error.msg})") from None
-            if rows and not all(isinstance(r, dict) for r in rows):
-                raise MemattnError(f"{path}: every JSONL line must be an object with a 'prompt' or 'caption'")
-            name = _field(list(rows[0]) if rows else [], path) if rows else "prompt"
-            prompts = [str(r.get(name, "")) for r in rows]
-        elif suffix == ".csv":
-            with path.open(encoding="utf-8", newline="") as handle:
-                reader = csv.DictReader(handle)
-                name = _field(list(reader.fieldnames or []), path)
-                prompts = [row[name] or "" for row in reader]
-        else:
-            import pyarrow.parquet as pq
-
-            table = pq.read_table(path)
-            name = _field(table.column_names, path)
-            prompts = [str(v) if v is not None else "" for v in table.column(name).to_pylist()]
-    except UnicodeDecodeError as error:
-        raise MemattnError(f"{path} is not valid UTF-8 ({error.reason} at byte {error.start})") from None
-    except (OSError, ValueError) as error:
-        if isinstance(error, MemattnError):
-            raise
+        for row in iter_prompts(path):
+            if row.reason is None and row.prompt is not None:
+                prompts.append(row.prompt)
+            elif not (blank_is_layout and row.reason in ("empty prompt", "empty line")):
+                skipped.append(f"{unit} {row.row + 1}: {row.reason}")
+    except OSError as error:
         raise MemattnError(f"{path} could not be read ({type(error).__name__}: {error})") from None
+    detail = "; ".join(skipped[:_SHOWN_REASONS]) + ("; ..." if len(skipped) > _SHOWN_REASONS else "")
     if not prompts:
-        raise MemattnError(f"{path} holds no prompts")
+        raise MemattnError(
+            f"{path} holds no usable prompts" + (f" ({len(skipped)} rows skipped: {detail})" if skipped else "")
+        )
+    if skipped:
+        (notes or sys.stderr).write(
+            f"note: {path}: skipped {len(skipped)} of {len(prompts) + len(skipped)} rows ({detail})\n"
+        )
     return prompts

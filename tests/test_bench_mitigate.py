@@ -222,7 +222,7 @@ def test_bad_inputs_fail_before_generating(measures, sd1_pipe, tmp_path):
         )
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
-    with pytest.raises(MemattnError, match="holds no prompts"):
+    with pytest.raises(MemattnError, match="holds no usable prompts"):
         run_mitigation_bench(pipe_dir, sscd=measures / "sscd.torchscript.pt", memorized=empty)
     with pytest.raises(MemattnError, match="does not exist"):
         run_mitigation_bench(pipe_dir, sscd=measures / "sscd.torchscript.pt", memorized=tmp_path / "no.txt")

@@ -37,17 +37,41 @@ def test_bad_files_are_clear_errors(tmp_path):
     with pytest.raises(MemattnError, match="unsupported prompt file type '.xlsx'"):
         read_prompts(tmp_path / "p.xlsx")
     (tmp_path / "empty.txt").write_text("\n\n")
-    with pytest.raises(MemattnError, match="holds no prompts"):
+    with pytest.raises(MemattnError, match="holds no usable prompts"):
         read_prompts(tmp_path / "empty.txt")
-    (tmp_path / "bad.txt").write_bytes(b"ok\n\xff\xfe broken\n")
-    with pytest.raises(MemattnError, match="not valid UTF-8"):
-        read_prompts(tmp_path / "bad.txt")
-    (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{oops\n')
-    with pytest.raises(MemattnError, match="line 2 is not valid JSON"):
-        read_prompts(tmp_path / "bad.jsonl")
+    (tmp_path / "binary.txt").write_bytes(open("/bin/ls", "rb").read()[:20000])
+    with pytest.raises(MemattnError, match="looks like a binary file"):
+        read_prompts(tmp_path / "binary.txt")
+    (tmp_path / "none.jsonl").write_text('{"prompt": null}\n{"prompt": 5}\n')
+    with pytest.raises(MemattnError, match=r"holds no usable prompts \(2 rows skipped: line 1: 'prompt' is null"):
+        read_prompts(tmp_path / "none.jsonl")
     (tmp_path / "nofield.csv").write_text("id,text\n1,a\n")
-    with pytest.raises(MemattnError, match="no 'prompt' or 'caption' field"):
+    with pytest.raises(MemattnError, match="no 'prompt' or 'caption' column"):
         read_prompts(tmp_path / "nofield.csv")
     (tmp_path / "corrupt.parquet").write_bytes(b"PAR1 not really")
-    with pytest.raises(MemattnError, match="could not be read"):
+    with pytest.raises(MemattnError, match="is not a readable Parquet file"):
         read_prompts(tmp_path / "corrupt.parquet")
+
+
+def test_bad_rows_are_skipped_with_their_reasons_not_scored_as_text(tmp_path):
+    """The scan's reader for every command: null, numbers, empty fields, bad JSON, bad UTF-8 and NUL
+    bytes are skipped and named (calibrate used to score ``None``, ``123`` and ``''`` as clean prompts,
+    and one bad JSONL line aborted the file)."""
+    import io
+
+    (tmp_path / "nullish.jsonl").write_bytes(
+        b'{"prompt": "a red circle"}\n{"prompt": ""}\n{"prompt": null}\n{"prompt": 123}\n{oops\n'
+        b'{"prompt": "a dog"}\n{"prompt": "\xff\xfe"}\n{"prompt": "nul \\u0000 inside"}\n'
+    )
+    notes = io.StringIO()
+    assert read_prompts(tmp_path / "nullish.jsonl", notes=notes) == ["a red circle", "a dog"]
+    note = notes.getvalue()
+    assert note.startswith(f"note: {tmp_path / 'nullish.jsonl'}: skipped 6 of 8 rows (line 2: empty prompt; ")
+    assert "line 3: 'prompt' is null, not text; line 4: 'prompt' is int, not text; ..." in note
+    (tmp_path / "gaps.csv").write_text("id,prompt\n1,a cat\n2,\n3,a cow\n")
+    notes = io.StringIO()
+    assert read_prompts(tmp_path / "gaps.csv", notes=notes) == ["a cat", "a cow"]
+    assert "record 2: empty prompt" in notes.getvalue()
+    (tmp_path / "layout.txt").write_text("a\n\n\nb\n")
+    notes = io.StringIO()
+    assert read_prompts(tmp_path / "layout.txt", notes=notes) == ["a", "b"] and notes.getvalue() == ""

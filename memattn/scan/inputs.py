@@ -17,6 +17,8 @@ import pyarrow.parquet as pq
 from memattn.errors import MemattnError
 from memattn.scan.schema import FIELDS, MAX_PROMPT_BYTES, SUFFIXES
 
+_SNIFF_BYTES = 8192  # a text prompt file has no NUL byte in its first 8 KiB; a binary file almost surely does
+
 # ---- reading prompts, one row per line/record, never raising on a bad one -------------------------------
 
 
@@ -41,6 +43,8 @@ def _check_text(row: int, text: str, raw: bytes | None = None) -> InputRow:
         return InputRow(row, None, f"longer than {MAX_PROMPT_BYTES} bytes", sha(data))
     if not text.strip():
         return InputRow(row, text, "empty prompt", sha(data))
+    if "\x00" in text:
+        return InputRow(row, None, "contains NUL bytes (binary data, not a prompt)", sha(data))
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:  # a lone surrogate (a JSON "\\ud800" escape): no tokenizer can take it
@@ -219,6 +223,13 @@ def check_input(path: str | Path) -> Path:
         raise MemattnError(
             f"{path}: unsupported prompt file type {path.suffix!r}; use one of {', '.join(SUFFIXES)}"
         )
+    if path.suffix.lower() != ".parquet":
+        with path.open("rb") as handle:
+            if b"\x00" in handle.read(_SNIFF_BYTES):
+                raise MemattnError(
+                    f"{path} looks like a binary file (NUL bytes in its first {_SNIFF_BYTES // 1024} KiB), "
+                    "not a text prompt file; pass a .txt, .jsonl, .csv or .parquet file of prompts"
+                )
     return path
 
 
