@@ -1,6 +1,7 @@
 """memattn: find and stop training-data memorization in text-to-image diffusion models by reading
 and steering their cross-attention (after Ren et al., ECCV 2024)."""
 
+from memattn.detect import detect
 from memattn.errors import (
     LayoutError,
     MemattnError,
@@ -8,6 +9,7 @@ from memattn.errors import (
     RecordError,
     UnsupportedModelError,
 )
+from memattn.guard import Calibration, Guard
 from memattn.mitigation import Mitigation, mitigate
 from memattn.probe import Trace, trace
 from memattn.record import AttentionRecord
@@ -26,6 +28,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttentionRecord",
+    "Calibration",
+    "Guard",
     "LayoutError",
     "MemattnError",
     "Mitigation",
@@ -35,6 +39,7 @@ __all__ = [
     "Trace",
     "UnsupportedModelError",
     "__version__",
+    "detect",
     "entropy_curve",
     "layer_entropy_curves",
     "mitigate",

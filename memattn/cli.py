@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from memattn.errors import MemattnError, run_cli
+from memattn.paths import writable_directory
 from memattn.quiet import quiet_loading
 
 app = typer.Typer(
@@ -105,16 +106,36 @@ def calibrate(
     import torch
     from tqdm.auto import tqdm
 
-    from memattn.guard import CALIBRATION_FILE, Calibration, Guard, threshold_at_fpr
+    from memattn.guard import (
+        CALIBRATION_FILE,
+        Calibration,
+        Guard,
+        call_settings,
+        min_clean_prompts,
+        threshold_at_fpr,
+    )
     from memattn.loading import load_pipeline, resolve_model
     from memattn.prompts_io import read_prompts
 
     quiet_loading()
     prompts = read_prompts(clean)
+    needed = min_clean_prompts(fpr)
+    if len(prompts) < needed:
+        raise MemattnError(
+            f"--fpr {fpr:g} needs at least {needed} clean prompts, {clean} has {len(prompts)}: with fewer, "
+            "the threshold is a clean prompt's own score (it can flag that prompt itself); pass more "
+            f"clean prompts or a larger --fpr (>= {1 / len(prompts):.3g})"
+        )
     path = Path(resolve_model(model))
     target = out or path / CALIBRATION_FILE
     if out is None and not path.is_dir():
         raise MemattnError(f"{model} is not a local directory: pass --out FILE for the calibration JSON")
+    package = Path(__file__).resolve().parent
+    if out is None and package in path.resolve().parents:
+        raise MemattnError(
+            f"{model} is bundled inside the memattn package, which calibrate never writes into: pass "
+            "--out FILE, then --calibration FILE to scan and generate"
+        )
     pipe = load_pipeline(str(path))
     guard = Guard(pipe, threshold=float("inf"), score=score, layer=_layer_arg(layer))  # type: ignore[arg-type]
     scores = []
@@ -125,23 +146,26 @@ def calibrate(
             batch, num_inference_steps=steps, guidance_scale=guidance, generator=generators
         ).tolist()
     threshold = threshold_at_fpr(scores, fpr)
+    flagged = sum(x > threshold for x in scores)
+    settings = call_settings(pipe, {"num_inference_steps": steps, "guidance_scale": guidance})
     calibration = Calibration(
         score=score,
         threshold=threshold,
         fpr=fpr,
         n_clean=len(scores),
         layer=layer,
-        guidance_scale=guidance,
         model=str(model),
+        empirical_fpr=flagged / len(scores),
+        **settings,
     )
     try:
         calibration.save(target)
     except OSError as error:
         raise MemattnError(f"cannot write {target} ({error.strerror}); pass --out FILE") from None
-    flagged = sum(x > threshold for x in scores)
     Console().print(
         f"threshold {threshold:.6g} on score {score}: flags {flagged} of {len(scores)} clean prompts "
-        f"({flagged / len(scores):.2%}); written to {target}"
+        f"({flagged / len(scores):.2%}) at {settings['steps']} steps, guidance {guidance:g}, "
+        f"{settings['scheduler']}, {settings['resolution']}, {settings['dtype']}; written to {target}"
     )
 
 
@@ -165,6 +189,10 @@ def generate(
         typer.Option(help="The method's strength (ren2024: C, default --c; rta/rna: items; gni: λ; ...)."),
     ] = None,
     threshold: Annotated[float | None, typer.Option(help="Guard threshold (default: calibrated).")] = None,
+    calibration: Annotated[
+        Path | None,
+        typer.Option(help="Guard calibration JSON from `memattn calibrate --out` (default: the model's)."),
+    ] = None,
     steps: Annotated[int, typer.Option(min=1, help="Denoising steps.")] = 50,
     guidance: Annotated[float, typer.Option(min=0.0, help="Classifier-free guidance scale.")] = 7.5,
     seed: Annotated[int, typer.Option(min=0, help="Base seed; prompt i uses seed + i.")] = 0,
@@ -181,11 +209,14 @@ def generate(
 
     quiet_loading()
     prompts = check_prompts(prompts)
+    if method not in methods.METHODS:
+        raise MemattnError(f"unknown --method {method!r}; choose one of {', '.join(methods.METHODS)}")
+    if calibration is not None and not calibration.is_file():
+        raise MemattnError(f"--calibration {calibration} does not exist; write one with `memattn calibrate`")
+    writable_directory(out, "--out")  # before the work: a run must not end with nowhere to put its images
     pipe = load_pipeline(model, device=device)
     generators = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(len(prompts))]
     kwargs = {"num_inference_steps": steps, "guidance_scale": guidance, "generator": generators}
-    if method not in methods.METHODS:
-        raise MemattnError(f"unknown --method {method!r}; choose one of {', '.join(methods.METHODS)}")
     if guard and method != "none":
         raise MemattnError(
             "--guard applies the paper's edit to flagged images only; do not combine it with --method"
@@ -194,7 +225,8 @@ def generate(
     prepared = methods.prepare(pipe, method, prompts, value, seed=seed, steps=steps)
     context, generated_prompts = prepared.context, prepared.prompts
     if guard:
-        result = Guard(pipe, threshold=threshold, mode=mode, mitigation={"c": c})(prompts, **kwargs)  # type: ignore[arg-type]
+        checker = Guard(pipe, threshold=threshold, mode=mode, mitigation={"c": c}, calibration=calibration)  # type: ignore[arg-type]
+        result = checker(prompts, **kwargs)
         images, verdicts = result.images, [v.to_dict() for v in result.verdicts]
     else:
         with context:
@@ -203,7 +235,6 @@ def generate(
             {"prompt": p, "generated_prompt": g, "method": method, "strength": value, "guarded": False}
             for p, g in zip(prompts, generated_prompts, strict=True)
         ]
-    out.mkdir(parents=True, exist_ok=True)
     for i, (image, verdict) in enumerate(zip(images, verdicts, strict=True)):
         name = f"{i:04d}.png"
         image.save(out / name)

@@ -48,6 +48,11 @@ class Calibration:
     layer: str | None = None
     guidance_scale: float | None = None
     model: str | None = None
+    steps: int | None = None  # E is read at the first step's timestep, which the step count sets
+    scheduler: str | None = None
+    resolution: list[int] | None = None
+    dtype: str | None = None
+    empirical_fpr: float | None = None
 
     def save(self, path: Path) -> Path:
         path.write_text(json.dumps(asdict(self), indent=1))
@@ -63,6 +68,71 @@ class Calibration:
             ) from None
 
 
+_SETTING_OPTIONS = {
+    "steps": "--steps",
+    "guidance_scale": "--guidance",
+    "scheduler": "the same scheduler",
+    "resolution": "--height/--width",
+    "dtype": "--dtype",
+}
+
+
+def check_calibrated_settings(stored: dict[str, Any], actual: dict[str, Any], source: str) -> None:
+    """Refuse a score computed under other settings than its calibration (one line naming both values).
+
+    A setting the calibration does not record is not compared, except the step count: a file without it
+    predates memattn recording it, and E moves with the step count (the first step's timestep).
+    """
+    if stored.get("steps") is None and actual.get("steps") is not None:
+        raise MemattnError(
+            f"the calibration {source} does not record its step count (written by an older memattn); "
+            "run `memattn calibrate` again"
+        )
+    for name, option in _SETTING_OPTIONS.items():
+        want, have = stored.get(name), actual.get(name)
+        if want is None or have is None:
+            continue
+        same = float(want) == float(have) if name == "guidance_scale" else list(np.atleast_1d(want)) == list(
+            np.atleast_1d(have)
+        )
+        if not same:
+            raise MemattnError(
+                f"the calibration {source} was measured at {name} {want}, this run uses {have}: "
+                f"run with {option} {want} or calibrate again at {have}"
+                if option.startswith("--")
+                else f"the calibration {source} was measured with {name} {want}, this run uses {have}: "
+                f"use {option} or calibrate again"
+            )
+
+
+def call_settings(pipe: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The settings a pipeline call runs at that a calibrated score depends on (defaults included)."""
+    import inspect
+
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(type(pipe).__call__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+
+    def get(name: str) -> Any:
+        value = kwargs.get(name)
+        return defaults.get(name) if value is None else value
+
+    unet = getattr(pipe, "unet", None)
+    size = getattr(getattr(unet, "config", None), "sample_size", None)
+    scale = getattr(pipe, "vae_scale_factor", None)
+    default_side = int(size) * int(scale) if isinstance(size, int) and scale else None
+    height, width = get("height") or default_side, get("width") or default_side
+    return {
+        "steps": get("num_inference_steps"),
+        "guidance_scale": get("guidance_scale"),
+        "scheduler": type(pipe.scheduler).__name__ if getattr(pipe, "scheduler", None) is not None else None,
+        "resolution": [int(height), int(width)] if height and width else None,
+        "dtype": str(unet.dtype).removeprefix("torch.") if unet is not None else None,
+    }
+
+
 def calibration_path(pipe: Any) -> Path | None:
     """``memattn_guard.json`` in the directory the pipeline was loaded from, if there is one."""
     config = getattr(pipe, "config", None)
@@ -70,6 +140,12 @@ def calibration_path(pipe: Any) -> Path | None:
     if source and Path(source).is_dir():
         return Path(source) / CALIBRATION_FILE
     return None
+
+
+def min_clean_prompts(fpr: float) -> int:
+    """Clean prompts a threshold at ``fpr`` needs: ``ceil(1 / fpr)``, so that at least one clean score
+    may lie above it (with fewer, the threshold is the highest clean score itself); 1 at ``fpr`` 0."""
+    return 1 if fpr <= 0 else int(np.ceil(1 / fpr - 1e-9))
 
 
 def threshold_at_fpr(clean_scores: Sequence[float], fpr: float) -> float:
@@ -138,6 +214,9 @@ class Guard:
             loaded = Calibration.load(Path(path))
             threshold, score = loaded.threshold, loaded.score  # type: ignore[assignment]
             layer = loaded.layer if layer is None else layer
+            self.calibration: tuple[Calibration, str] | None = (loaded, str(path))
+        else:
+            self.calibration = None
         self.threshold = float(threshold)
         self.score = score
         self.layer = layer
@@ -158,6 +237,9 @@ class Guard:
             raise MemattnError(
                 "the guard needs prompts (it reads their token layouts); pass prompt=, not prompt_embeds"
             )
+        if self.calibration is not None:
+            loaded, source = self.calibration
+            check_calibrated_settings(asdict(loaded), call_settings(self.pipe, kwargs), source)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         per_prompt = int(kwargs.get("num_images_per_prompt") or 1)
         row_prompts = [p for p in prompts for _ in range(per_prompt)]

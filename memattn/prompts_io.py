@@ -39,9 +39,8 @@ def read_prompts(path: str | Path, *, notes: TextIO | None = None) -> list[str]:
         raise MemattnError(f"{path} could not be read ({type(error).__name__}: {error})") from None
     detail = "; ".join(skipped[:_SHOWN_REASONS]) + ("; ..." if len(skipped) > _SHOWN_REASONS else "")
     if not prompts:
-        raise MemattnError(
-            f"{path} holds no usable prompts" + (f" ({len(skipped)} rows skipped: {detail})" if skipped else "")
-        )
+        reason = f" ({len(skipped)} rows skipped: {detail})" if skipped else ""
+        raise MemattnError(f"{path} holds no usable prompts{reason}")
     if skipped:
         (notes or sys.stderr).write(
             f"note: {path}: skipped {len(skipped)} of {len(prompts) + len(skipped)} rows ({detail})\n"

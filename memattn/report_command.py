@@ -47,9 +47,11 @@ def register(app: typer.Typer) -> None:
         prompts with trigger tokens, per-token attention heat maps and entropy curves."""
         from rich.console import Console
 
+        from memattn.paths import writable_file
         from memattn.report import write_scan_report
 
         quiet_loading()
+        writable_file(out, "--out")
         path = write_scan_report(
             results,
             out,

@@ -118,3 +118,28 @@ def test_zero_or_negative_sizes_are_refused_before_any_work(args, option):
     assert result.exit_code == 2, result.output
     text = " ".join(result.output.replace("│", " ").split())  # rich wraps the error box
     assert option in text and "greater than or equal" in text
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["generate", "a dog", "--steps", "2", "--out"],
+        ["scan", "PROMPTS", "--steps", "1", "--out"],
+        ["report", "RESULTS", "--out"],
+    ],
+)
+def test_an_unwritable_out_is_refused_before_the_work(args, tmp_path, model_dir):
+    """``--out`` under /proc (or any unwritable place) is one line and exit 2 before anything runs
+    (``generate`` made its directory after generating, so the images were lost)."""
+    (tmp_path / "p.txt").write_text("a dog\n")
+    (tmp_path / "results").mkdir()
+    args = [a.replace("PROMPTS", str(tmp_path / "p.txt")).replace("RESULTS", str(tmp_path / "results"))
+            for a in args]
+    target = "/proc/memattn-out/x.html" if args[0] == "report" else "/proc/memattn-out"
+    result = subprocess.run(
+        [sys.executable, "-m", "memattn", *args, target, "--model", str(model_dir)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: --out /proc/memattn-out") and "cannot be written" in result.stderr
+    assert "Traceback" not in result.stderr

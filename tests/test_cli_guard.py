@@ -41,6 +41,14 @@ def test_calibrate_then_generate_with_the_guard(tmp_path):
     assert calibrate.returncode == 0, calibrate.stderr
     stored = json.loads(calibration.read_text())
     assert stored["score"] == "e" and stored["n_clean"] == 40 and "flags 2 of 40" in calibrate.stdout
+    assert stored["steps"] == 10 and stored["guidance_scale"] == 2 and stored["empirical_fpr"] == 0.05
+    assert stored["scheduler"] == "DDIMScheduler" and stored["resolution"] == [16, 16]
+    other_steps = run(
+        "generate", clean[0], "--model", "testbed", "--guard", "--calibration", str(calibration),
+        "--steps", "4", "--guidance", "2", "--out", str(tmp_path / "refused"),
+    )  # fmt: skip
+    assert other_steps.returncode == 2
+    assert "measured at steps 10, this run uses 4: run with --steps 10" in other_steps.stderr
     out = tmp_path / "images"
     memorized = run("testbed", "prompts", "memorized_matching", "--duplication", "128").stdout.splitlines()[
         :2
@@ -68,6 +76,16 @@ def test_calibrate_then_generate_with_the_guard(tmp_path):
         {"score", "threshold", "flagged", "mitigated", "trigger_tokens", "image"} <= set(v) for v in verdicts
     )
     assert all((out / v["image"]).read_bytes()[:4] == b"\x89PNG" for v in verdicts)
+
+
+def test_calibrate_refuses_too_few_prompts_and_never_writes_into_the_package(tmp_path):
+    (tmp_path / "one.txt").write_text("a red circle in the center\n")
+    few = run("calibrate", "--model", "testbed", "--clean", str(tmp_path / "one.txt"), "--fpr", "0.01")
+    assert few.returncode == 2
+    assert "--fpr 0.01 needs at least 100 clean prompts" in few.stderr and "has 1" in few.stderr
+    (tmp_path / "many.txt").write_text("a red circle in the center\n" * 100)
+    bundled = run("calibrate", "--model", "testbed", "--clean", str(tmp_path / "many.txt"))
+    assert bundled.returncode == 2 and "bundled inside the memattn package" in bundled.stderr
 
 
 def test_cli_errors_are_one_line(tmp_path):

@@ -108,6 +108,35 @@ def test_wen_score_needs_guidance_and_calibration_loads_from_the_model_dir(sd1_p
         Guard(loaded)
 
 
+def test_a_calibrated_guard_refuses_other_settings_naming_both_values(sd1_pipe, tmp_path):
+    """The threshold holds only where it was measured: step count (E is read at the first step's
+    timestep), guidance (Wen), scheduler, resolution and dtype are checked on every call."""
+    from memattn.guard import call_settings
+
+    settings = call_settings(sd1_pipe, {"num_inference_steps": STEPS, "guidance_scale": 7.5})
+    side = sd1_pipe.unet.config.sample_size * sd1_pipe.vae_scale_factor
+    assert settings == {
+        "steps": STEPS,
+        "guidance_scale": 7.5,
+        "scheduler": type(sd1_pipe.scheduler).__name__,
+        "resolution": [side, side],
+        "dtype": "float32",
+    }
+    path = tmp_path / "guard.json"
+    Calibration(score="e", threshold=1e9, fpr=0.01, n_clean=100, **settings).save(path)
+    guard = Guard(sd1_pipe, calibration=path)
+    assert not any(v.flagged for v in guarded(guard).verdicts)  # the calibrated settings: runs
+    with pytest.raises(MemattnError, match=f"measured at steps {STEPS}, this run uses 2: run with --steps"):
+        guard(PROMPTS, num_inference_steps=2)
+    with pytest.raises(MemattnError, match="measured at guidance_scale 7.5, this run uses 3"):
+        guarded(guard, guidance_scale=3.0)
+    with pytest.raises(MemattnError, match=f"resolution \\[{side}, {side}\\], this run uses \\[{2 * side}"):
+        guarded(guard, height=2 * side, width=2 * side)
+    Calibration(score="e", threshold=1e9, fpr=0.01, n_clean=100).save(path)
+    with pytest.raises(MemattnError, match="does not record its step count"):
+        guarded(Guard(sd1_pipe, calibration=path))
+
+
 def test_bad_settings(sd1_pipe):
     with pytest.raises(MemattnError, match="'continue' or 'restart'"):
         Guard(sd1_pipe, threshold=0.0, mode="later")

@@ -43,7 +43,7 @@ def test_bad_files_are_clear_errors(tmp_path):
     with pytest.raises(MemattnError, match="looks like a binary file"):
         read_prompts(tmp_path / "binary.txt")
     (tmp_path / "none.jsonl").write_text('{"prompt": null}\n{"prompt": 5}\n')
-    with pytest.raises(MemattnError, match=r"holds no usable prompts \(2 rows skipped: line 1: 'prompt' is null"):
+    with pytest.raises(MemattnError, match=r"no usable prompts \(2 rows skipped: line 1: 'prompt' is null"):
         read_prompts(tmp_path / "none.jsonl")
     (tmp_path / "nofield.csv").write_text("id,text\n1,a\n")
     with pytest.raises(MemattnError, match="no 'prompt' or 'caption' column"):

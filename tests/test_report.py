@@ -214,7 +214,7 @@ def test_report_without_labels_or_threshold(tmp_path):
 
 def test_report_of_a_real_scan(tmp_path):
     """The Parquet parts `memattn scan` writes (its own schema), reported with the testbed."""
-    scan = pytest.importorskip("memattn.scan")
+    import memattn.scan as scan  # a broken import must fail, not skip
     prompts = tmp_path / "prompts.txt"
     prompts.write_bytes("\n".join([*MEMORIZED[:4], *CLEAN[:3], "", SCRIPT]).encode() + b"\n\xff\xfe\n")
     summary = scan.scan(prompts, tmp_path / "scan", scan.ScanSettings(model="testbed", steps=4, batch_size=5),

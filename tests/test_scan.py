@@ -356,7 +356,7 @@ def test_calibration_next_to_the_model_sets_flagged(tmp_path, pipe):
         scan(tmp_path / "p.txt", tmp_path / "plain", settings, pipe=pipe, progress=False).out
     )
     median = float(np.median(plain.column("score_e").to_numpy()))
-    Calibration(score="e", threshold=median, fpr=0.5, n_clean=16, guidance_scale=2.0).save(
+    Calibration(score="e", threshold=median, fpr=0.5, n_clean=16, guidance_scale=2.0, steps=50).save(
         model / CALIBRATION_FILE
     )
     with pytest.raises(MemattnError, match="other settings"):  # the same output, now calibrated: refused
@@ -370,6 +370,16 @@ def test_calibration_next_to_the_model_sets_flagged(tmp_path, pipe):
     other_guidance = ScanSettings(**{**settings.__dict__, "guidance_scale": 7.5})
     with pytest.raises(MemattnError, match="measured at guidance 2"):
         scan(tmp_path / "p.txt", tmp_path / "g", other_guidance, pipe=pipe)
+    # E moves with the step count (the first step's timestep): a 50-step threshold at 4 steps flagged the
+    # calibration prompts themselves; now refused, naming both counts.
+    other_steps = ScanSettings(**{**settings.__dict__, "steps": 4})
+    with pytest.raises(MemattnError, match="measured at steps 50, this run uses 4: run with --steps 50"):
+        scan(tmp_path / "p.txt", tmp_path / "s", other_steps, pipe=pipe)
+    Calibration(score="e", threshold=median, fpr=0.5, n_clean=16, guidance_scale=2.0).save(
+        model / CALIBRATION_FILE
+    )
+    with pytest.raises(MemattnError, match="does not record its step count"):
+        scan(tmp_path / "p.txt", tmp_path / "s", settings, pipe=pipe)
 
 
 # ---- the command -----------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from memattn.errors import MemattnError
+from memattn.paths import writable_directory
 from memattn.scan.inputs import Batch, Covered, InputRow, batches, check_input, count_rows, iter_prompts
 from memattn.scan.output import (
     PartWriter,
@@ -190,6 +191,7 @@ def scan(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise MemattnError(f"--out {out} is a file; the scan writes a directory of Parquet parts there")
+    writable_directory(out, "--out")
     calibrated = load_calibration(settings.model, calibration)
     check_calibration(calibrated, settings)
     detector = load_detector(settings.model)

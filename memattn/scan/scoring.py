@@ -42,6 +42,7 @@ class Calibrated:
     layer: int | str | None
     path: str
     guidance_scale: float | None = None
+    settings: dict[str, Any] | None = None  # what the threshold was measured at (steps, scheduler, ...)
 
     def identity(self) -> dict[str, Any]:
         return asdict(self)
@@ -72,12 +73,23 @@ def load_calibration(model: str, calibration: str | None) -> Calibrated | None:
         _layer(loaded.layer),
         str(path.resolve()),
         loaded.guidance_scale,
+        asdict(loaded),
     )
 
 
 def check_calibration(calibrated: Calibrated | None, settings: ScanSettings) -> None:
-    """A threshold measured at another guidance scale would flag at random: refuse instead."""
-    if calibrated is None or calibrated.guidance_scale is None:
+    """A threshold measured under other settings would flag at random: refuse instead.
+
+    The scheduler and resolution are the model's own in a scan; the pipeline-level check (``Guard``)
+    covers them where a caller can change them.
+    """
+    if calibrated is None:
+        return
+    from memattn.guard import check_calibrated_settings
+
+    actual = {"steps": settings.steps, "dtype": settings.dtype}
+    check_calibrated_settings(calibrated.settings or {}, actual, calibrated.path)
+    if calibrated.guidance_scale is None:
         return
     if float(calibrated.guidance_scale) != float(settings.guidance_scale):
         raise MemattnError(

@@ -1,0 +1,31 @@
+"""Output paths checked before the work: a long run must not end with nowhere to put its results."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from memattn.errors import MemattnError
+
+
+def writable_directory(path: Path, option: str) -> Path:
+    """Create ``path`` if needed and prove a file can be written there, or raise one line naming it."""
+    try:
+        if path.exists() and not path.is_dir():
+            raise MemattnError(f"{option} {path} is a file; pass a directory")
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".memattn-write-test-"):
+            pass
+    except OSError as error:
+        raise MemattnError(
+            f"{option} {path} cannot be written ({error.strerror or error}); pass a writable directory"
+        ) from None
+    return path
+
+
+def writable_file(path: Path, option: str) -> Path:
+    """The directory of ``path`` is writable (the file itself is written at the end of the work)."""
+    if path.is_dir():
+        raise MemattnError(f"{option} {path} is a directory; pass a file name")
+    writable_directory(path.parent if str(path.parent) else Path("."), option)
+    return path

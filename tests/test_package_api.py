@@ -1,0 +1,22 @@
+"""What the README's Python snippets import from the package is there."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import memattn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_name_the_docs_call_on_the_package_is_exported():
+    """``memattn.Guard(pipe, ...)`` in the README raised AttributeError: the package did not export it."""
+    texts = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    used = {
+        name for path in texts for name in re.findall(r"\bmemattn\.([A-Za-z_]\w*)\(", path.read_text())
+    }
+    assert {"Guard", "trace", "mitigate"} <= used  # the check below reads real snippets
+    missing = sorted(name for name in used if not hasattr(memattn, name))
+    assert not missing, f"the docs call memattn.{missing} but the package does not export them"
+    assert set(memattn.__all__) >= {"Guard", "Calibration", "detect", "trace", "mitigate", "score_d"}
