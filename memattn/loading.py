@@ -61,6 +61,7 @@ def load_pipeline(model: str, *, dtype: torch.dtype = torch.float32, device: str
     """
     from diffusers import DiffusionPipeline
 
+    check_device(device)
     model = str(resolve_model(model))
     path = Path(model).expanduser()
     if path.exists():
@@ -74,6 +75,7 @@ def load_pipeline(model: str, *, dtype: torch.dtype = torch.float32, device: str
                 f"{model} is not a diffusers pipeline directory: model_index.json is missing"
             )
         _import_own_components(path / "model_index.json")
+        _check_weight_files(path)
         return _from_pretrained(DiffusionPipeline, str(path), model, dtype, device, local_only=True)
     if model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise ModelNotFoundError(f"model {model} not found: no such directory")
@@ -83,6 +85,44 @@ def load_pipeline(model: str, *, dtype: torch.dtype = torch.float32, device: str
         if os.environ.get("HF_HUB_OFFLINE") == "1":
             raise
     return _from_pretrained(DiffusionPipeline, model, model, dtype, device, local_only=False)
+
+
+def check_device(device: str) -> torch.device:
+    """``device`` as torch reads it, or one line saying why this machine cannot use it."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise MemattnError(
+            f"--device {device!r} is not a torch device ({error}); e.g. cpu, cuda, cuda:1"
+        ) from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else "no visible GPU"
+        raise MemattnError(
+            f"--device {device}: this torch ({torch.__version__}) has {build}; use --device cpu, or "
+            "install a CUDA build of torch on a machine with a GPU"
+        )
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise MemattnError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise MemattnError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+    return parsed
+
+
+def _check_weight_files(path: Path) -> None:
+    """Every safetensors file of the pipeline has a readable header (a corrupt, truncated or empty file
+    is named here instead of surfacing as a safetensors traceback or a 'no safetensors weights')."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(path.glob("*/*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError, ValueError) as error:
+            size = file.stat().st_size
+            raise ModelNotFoundError(
+                f"{file} is corrupt or truncated ({size} bytes; {str(error).splitlines()[0][:100]}); "
+                "copy or save the model again"
+            ) from None
 
 
 def _import_own_components(model_index: Path) -> None:

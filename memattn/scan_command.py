@@ -50,7 +50,7 @@ def scan(
             help="Prompts over 77 tokens: truncate (score the first 77, as generation does) or skip."
         ),
     ] = "truncate",
-    top_k: Annotated[int, typer.Option(min=1, help="Trigger tokens kept per prompt.")] = 3,
+    top_k: Annotated[int, typer.Option(min=0, help="Trigger tokens kept per prompt (0: none).")] = 3,
     calibration: Annotated[
         str | None,
         typer.Option(

@@ -93,6 +93,38 @@ def test_directory_without_pipeline_or_safetensors(tmp_path, model_dir):
     assert result.returncode == 2 and "single file" in result.stderr
 
 
+@pytest.mark.parametrize("damage", ["random", "empty", "truncated"])
+def test_a_corrupt_weights_file_is_named_in_one_line(tmp_path, model_dir, damage):
+    """Random bytes gave a SafetensorError traceback; an empty or truncated file was misdiagnosed as
+    'has no safetensors weights ... convert them'."""
+    import os
+    import shutil
+
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    weights = copy / "text_encoder" / "model.safetensors"
+    data = weights.read_bytes()
+    damaged = {"random": os.urandom(4096), "empty": b"", "truncated": data[: len(data) // 2]}
+    weights.write_bytes(damaged[damage])
+    result = cli("detect", "a dog", "--model", str(copy), "--steps", "2")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"{weights} is corrupt or truncated" in result.stderr
+
+
+@pytest.mark.parametrize("command", [["detect", "a dog"], ["scan", "PROMPTS", "--out", "OUT"]])
+def test_a_device_this_torch_cannot_use_is_one_line(tmp_path, model_dir, command):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: --device cuda is valid here")
+    (tmp_path / "p.txt").write_text("a dog\n")
+    paths = {"PROMPTS": str(tmp_path / "p.txt"), "OUT": str(tmp_path / "o")}
+    args = [paths.get(a, a) for a in command]
+    result = cli(*args, "--model", str(model_dir), "--device", "cuda")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "--device cuda: this torch" in result.stderr and "use --device cpu" in result.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "option"),
     [

@@ -88,3 +88,6 @@ class ScanSettings:
             raise MemattnError(f"--too-long must be one of {', '.join(TOO_LONG)}, got {self.too_long!r}")
         if self.top_k < 0:
             raise MemattnError(f"--top-k must be ≥ 0, got {self.top_k}")
+        from memattn.loading import check_device
+
+        check_device(self.device)
