@@ -356,9 +356,15 @@ def testbed_prompts(
     groups = load_manifest(Path(resolve_model(model)))["groups"]
     if group not in groups:
         raise MemattnError(f"unknown group {group!r}; the groups are {', '.join(groups)}")
-    for item in groups[group]:
-        if duplication is None or item["duplication"] == duplication:
-            sys.stdout.write(item["caption"] + "\n")
+    chosen = [item for item in groups[group] if duplication is None or item["duplication"] == duplication]
+    if not chosen:
+        counts = sorted({item["duplication"] for item in groups[group]})
+        raise MemattnError(
+            f"group {group!r} has no item seen {duplication} times; its duplication counts: "
+            f"{', '.join(map(str, counts))}"
+        )
+    for item in chosen:
+        sys.stdout.write(item["caption"] + "\n")
 
 
 @testbed_app.command("report")

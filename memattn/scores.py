@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from memattn.errors import RecordError
+from memattn.errors import MemattnError, RecordError
 from memattn.record import AttentionRecord
 
 LayerSpec = Sequence[int | str] | None
@@ -102,6 +102,8 @@ def trigger_tokens(
     record: AttentionRecord, k: int = 3, layers: LayerSpec = None, steps: Sequence[int] | None = None
 ) -> list[list[TriggerToken]]:
     """Per image, the ``k`` prompt tokens (BOS and summary tokens excluded) with most attention."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise MemattnError(f"trigger_tokens: k must be a non-negative integer, got {k!r}")
     layouts = record.require_layouts()
     mass = token_mass(record, layers, steps)
     result = []

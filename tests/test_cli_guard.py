@@ -95,6 +95,8 @@ def test_cli_errors_are_one_line(tmp_path):
     assert no_threshold.returncode == 2 and "memattn calibrate" in no_threshold.stderr
     unknown = run("testbed", "prompts", "nope")
     assert unknown.returncode == 2 and "unknown group 'nope'" in unknown.stderr
+    none = run("testbed", "prompts", "memorized_matching", "--duplication", "7")
+    assert none.returncode == 2 and "has no item seen 7 times; its duplication counts: 128" in none.stderr
 
 
 def test_generate_with_a_method(tmp_path):

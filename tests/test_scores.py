@@ -134,6 +134,10 @@ def test_trigger_tokens_skip_bos_and_summary_tokens():
     # Mass on a summary token (position 9) is not a trigger token.
     assert all(t.position != 9 for t in memattn.trigger_tokens(synthetic_record(hot_token=9), k=4)[0])
     assert token_mass(synthetic_record(hot_token=3))[0, 3] > 0.29
+    assert memattn.trigger_tokens(synthetic_record(hot_token=3), k=0) == [[]]
+    for bad in (-1, 1.5, True):
+        with pytest.raises(memattn.MemattnError, match="k must be a non-negative integer"):
+            memattn.trigger_tokens(synthetic_record(hot_token=3), k=bad)
 
 
 def test_summary_term_of_d_sees_summary_attention():
