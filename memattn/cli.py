@@ -240,8 +240,12 @@ def generate(
         image.save(out / name)
         verdict.update(image=name, seed=seed + i, model=model)
     (out / "verdicts.json").write_text(json.dumps(verdicts, indent=1))
-    flagged = sum(bool(v.get("flagged")) for v in verdicts)
-    Console().print(f"{len(verdicts)} images in {out}; flagged and mitigated: {flagged}")
+    if guard:
+        flagged = sum(bool(v.get("flagged")) for v in verdicts)
+        outcome = f"guard: {flagged} flagged and mitigated"
+    else:
+        outcome = "no mitigation" if method == "none" else f"every image mitigated by {method} (strength {value})"
+    Console().print(f"{len(verdicts)} images in {out}; {outcome}")
 
 
 def _layer_arg(layer: str | None) -> int | str | None:

@@ -26,10 +26,19 @@ class RecordError(MemattnError):
     """A record that cannot answer the question asked (too few steps, unknown layer, ...)."""
 
 
+class Interrupted(MemattnError):
+    """Ctrl-C during a long job: the message says what was kept and how to resume (exit code 130)."""
+
+    exit_code = 130
+
+
 def run_cli(app: Any) -> None:
     """Run a typer app so that library errors become one line on stderr and exit code 2."""
     try:
         app()
+    except Interrupted as error:
+        sys.stderr.write(f"interrupted: {error}\n")
+        raise SystemExit(error.exit_code) from None
     except MemattnError as error:
         sys.stderr.write(f"error: {error}\n")
         raise SystemExit(2) from None

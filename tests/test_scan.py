@@ -38,14 +38,11 @@ from memattn.testbed.data import BACKGROUNDS, COLORS, PHRASINGS, POSITIONS, SHAP
 # The main CLI registers the command itself; here a local app stands in for it (and maps errors as
 # memattn.cli.main does: one line, exit 2).
 CLI = """
-import sys, typer
-from memattn.errors import MemattnError
+import typer
+from memattn.errors import run_cli
 from memattn.scan_command import register
 app = typer.Typer(); app.callback()(lambda: None); register(app)
-try:
-    app()
-except MemattnError as error:
-    sys.stderr.write(f"error: {error}\\n"); raise SystemExit(2)
+run_cli(app)
 """
 SETTINGS = ScanSettings(model="testbed", batch_size=8, guidance_scale=2.0, steps=50)
 
@@ -469,6 +466,26 @@ def test_resume_after_sigkill_at_random_points(tmp_path):
     assert resumed.equals(expected), f"resumed rows differ from an uninterrupted scan (random seed {seed})"
     assert not list(out.glob(f"{TEMP_PREFIX}*"))
     assert resumed.column("status").to_pylist().count("skipped") == 11
+
+
+def test_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path):
+    """SIGINT exited 130 without a word; now it names the rows kept and the resume command."""
+    (tmp_path / "p.txt").write_text("\n".join(synthetic_prompts(200, seed=3)) + "\n")
+    args = [str(tmp_path / "p.txt"), "--model", "testbed", "--batch-size", "4", "--guidance", "2"]
+    out = tmp_path / "out"
+    proc = run_cli(*args, "--part-rows", "4", "--no-progress", "--out", str(out))
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and not any(out.glob("part-*.parquet")):
+        assert time.monotonic() < deadline, "the scan wrote nothing for 5 minutes"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    if proc.returncode == 0:
+        pytest.skip("the scan finished before the signal arrived")
+    kept = len(pq.read_table(out))
+    assert proc.returncode == 130, err
+    assert err.strip().endswith(f"interrupted: {kept} rows kept in {out}; rerun the same command to resume")
+    assert 0 < kept < 200 and "Traceback" not in err
 
 
 def test_cli_errors_are_one_line(tmp_path):

@@ -37,7 +37,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from memattn.errors import MemattnError
+from memattn.errors import Interrupted, MemattnError
 from memattn.paths import writable_directory
 from memattn.scan.inputs import Batch, Covered, InputRow, batches, check_input, count_rows, iter_prompts
 from memattn.scan.output import (
@@ -244,9 +244,14 @@ def scan(
                 if on_batch is not None:
                     on_batch(done)
             writer.flush()
-        except BaseException:
+        except BaseException as error:
             with suppress(Exception):  # keep the complete batches already scored (Ctrl-C, an error)
                 writer.flush()
+            if isinstance(error, KeyboardInterrupt):
+                kept = read_parts(out)[0].rows
+                raise Interrupted(
+                    f"{kept} rows kept in {out}; rerun the same command to resume"
+                ) from None
             raise
         finally:
             scored.close()  # stops the engine (Ray: its actors, and a cluster it started)
