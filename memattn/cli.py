@@ -244,7 +244,8 @@ def generate(
         flagged = sum(bool(v.get("flagged")) for v in verdicts)
         outcome = f"guard: {flagged} flagged and mitigated"
     else:
-        outcome = "no mitigation" if method == "none" else f"every image mitigated by {method} (strength {value})"
+        outcome = f"every image mitigated by {method} (strength {value})"
+        outcome = "no mitigation" if method == "none" else outcome
     Console().print(f"{len(verdicts)} images in {out}; {outcome}")
 
 
