@@ -305,3 +305,29 @@ def test_browser_check_sees_injection(tmp_path, chromium):
     assert sorted(page.dialogs) == ["alert: 1", "alert: 2"]
     assert page.value["scripts"] == 1 and page.value["handlers"] == 1
     assert any("ERR_FILE_NOT_FOUND" in e for e in page.errors)  # the injected <img src=x>
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "csv", "parquet"])
+def test_a_labelled_scan_keeps_label_and_id_and_reports_a_roc(tmp_path, suffix):
+    """``scan`` dropped the input's ``label`` column, so the report of a labelled scan said "no label
+    column: no ROC". Now 0/1 labels and ids travel to the Parquet (bad labels become null)."""
+    import memattn.scan as scan
+
+    prompts = [*MEMORIZED[2:5], *CLEAN[:3]]
+    labels = [1, 1, "1", 0, "false", "maybe"]
+    ids = [f"p{i}" for i in range(len(prompts))]
+    rows_in = list(zip(ids, prompts, labels, strict=True))
+    path = tmp_path / f"in.{suffix}"
+    if suffix == "jsonl":
+        path.write_text("\n".join(json.dumps({"id": i, "prompt": p, "label": y}) for i, p, y in rows_in))
+    elif suffix == "csv":
+        path.write_text("id,prompt,label\n" + "".join(f'{i},"{p}",{y}\n' for i, p, y in rows_in))
+    else:
+        pq.write_table(pa.table({"id": ids, "prompt": prompts, "label": [str(y) for y in labels]}), path)
+    settings = scan.ScanSettings(model="testbed", steps=4, batch_size=6)
+    scan.scan(path, tmp_path / "scan", settings, progress=False)
+    rows = scan.read_results(tmp_path / "scan").to_pylist()
+    assert [r["label"] for r in rows] == [1, 1, 1, 0, 0, None]
+    assert [r["id"] for r in rows] == ids
+    html = write_scan_report(tmp_path / "scan", tmp_path / "r.html", maps=0, progress=False).read_text()
+    assert "no label column" not in html and 'alt="ROC curves per score"' in html

@@ -30,7 +30,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +96,8 @@ def _skipped_row(item: InputRow, seed: int, model: str, version: str) -> dict[st
         "row": item.row,
         "prompt": item.prompt,
         "prompt_sha256": item.sha256,
+        "id": item.id,
+        "label": item.label,
         "seed": seed,
         "status": "skipped",
         "reason": item.reason,
@@ -123,7 +125,7 @@ def score_batch(
         if count > scorer.max_length:
             note = f"over {scorer.max_length} tokens ({count} with BOS/EOS)"
             if settings.too_long == "skip":
-                item = InputRow(item.row, item.prompt, note, item.sha256)
+                item = replace(item, reason=note)
                 rows[item.row] = _skipped_row(item, settings.seed + item.row, model, version)
                 continue
             notes[item.row] = f"{note}: scored on the first {scorer.max_length}"
@@ -139,6 +141,8 @@ def score_batch(
                 "row": item.row,
                 "prompt": item.prompt,
                 "prompt_sha256": item.sha256,
+                "id": item.id,
+                "label": item.label,
                 "seed": seed,
                 "status": "ok",
                 "reason": notes.get(item.row),

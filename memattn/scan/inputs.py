@@ -7,7 +7,7 @@ import csv
 import hashlib
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -30,6 +30,29 @@ class InputRow:
     prompt: str | None
     reason: str | None = None
     sha256: str | None = None
+    label: int | None = None  # the input's 0/1 ``label`` (1 = memorized), kept through to the results
+    id: str | None = None  # the input's ``id``
+
+
+LABEL_FIELD, ID_FIELD = "label", "id"
+_LABEL_TEXT = {"0": 0, "1": 1, "false": 0, "true": 1}
+
+
+def parse_label(value: Any) -> int | None:
+    """A 0/1 label from JSON, CSV or Parquet (0, 1, true, false, "0", "1"); anything else: None."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int | float) and value in (0, 1):
+        return int(value)
+    if isinstance(value, str):
+        return _LABEL_TEXT.get(value.strip().lower())
+    return None
+
+
+def _with_columns(item: InputRow, label: Any, identifier: Any) -> InputRow:
+    if label is None and identifier is None:
+        return item
+    return replace(item, label=parse_label(label), id=None if identifier is None else str(identifier))
 
 
 def sha(data: bytes) -> str:
@@ -127,7 +150,7 @@ def _json_row(row: int, text: str, digest: str) -> InputRow:
     if not isinstance(record[name], str):
         kind = "null" if record[name] is None else type(record[name]).__name__
         return InputRow(row, None, f"'{name}' is {kind}, not text", digest)
-    return _check_text(row, record[name])
+    return _with_columns(_check_text(row, record[name]), record.get(LABEL_FIELD), record.get(ID_FIELD))
 
 
 def _csv_lines(handle: IO[bytes]) -> Iterator[str]:
@@ -151,6 +174,7 @@ def _iter_csv(path: Path) -> Iterator[InputRow]:
         if name is None:
             raise MemattnError(f"{path} has no 'prompt' or 'caption' column (found: {', '.join(header)})")
         column = header.index(name)
+        extra = [header.index(n) if n in header else None for n in (LABEL_FIELD, ID_FIELD)]
         row = 0
         while True:
             try:
@@ -161,7 +185,8 @@ def _iter_csv(path: Path) -> Iterator[InputRow]:
                 yield InputRow(row, None, f"CSV error: {error}")
                 row += 1
                 continue
-            yield _csv_row(row, record, column, name)
+            values = [record[i] if i is not None and i < len(record) else None for i in extra]
+            yield _with_columns(_csv_row(row, record, column, name), *values)
             row += 1
 
 
@@ -201,16 +226,20 @@ def _iter_parquet(path: Path) -> Iterator[InputRow]:
     except (OSError, pa.ArrowException) as error:
         raise MemattnError(f"{path} is not a readable Parquet file ({error})") from None
     name = _parquet_field(path, source.schema_arrow)
+    extra = [n for n in (LABEL_FIELD, ID_FIELD) if n in source.schema_arrow.names]
     row = 0
-    for batch in source.iter_batches(batch_size=1024, columns=[name]):
-        for value in batch.column(0).to_pylist():
+    for batch in source.iter_batches(batch_size=1024, columns=[name, *extra]):
+        columns = {n: batch.column(n).to_pylist() for n in extra}
+        for i, value in enumerate(batch.column(0).to_pylist()):
             if value is None:
-                yield InputRow(row, None, f"'{name}' is null")
+                item = InputRow(row, None, f"'{name}' is null")
             elif isinstance(value, bytes):
                 text, problem = _decode(value, False)
-                yield InputRow(row, None, problem, sha(value)) if text is None else _check_text(row, text)
+                item = InputRow(row, None, problem, sha(value)) if text is None else _check_text(row, text)
             else:
-                yield _check_text(row, value)
+                item = _check_text(row, value)
+            values = [columns[n][i] if n in columns else None for n in (LABEL_FIELD, ID_FIELD)]
+            yield _with_columns(item, *values)
             row += 1
 
 

@@ -55,6 +55,8 @@ PLAN_SCHEMA = pa.schema(
         pa.field("prompts", pa.list_(pa.string())),
         pa.field("reasons", pa.list_(pa.string())),
         pa.field("sha256", pa.list_(pa.string())),
+        pa.field("labels", pa.list_(pa.int8())),
+        pa.field("ids", pa.list_(pa.string())),
     ]
 )
 OUT_SCHEMA = (
@@ -88,6 +90,8 @@ def plan_table(group: list[Batch]) -> pa.Table:
             "prompts": [[r.prompt for r in b.rows] for b in group],
             "reasons": [[r.reason for r in b.rows] for b in group],
             "sha256": [[r.sha256 for r in b.rows] for b in group],
+            "labels": [[r.label for r in b.rows] for b in group],
+            "ids": [[r.id for r in b.rows] for b in group],
         },
         schema=PLAN_SCHEMA,
     )
@@ -97,9 +101,15 @@ def batches_of(table: pa.Table) -> Iterator[Batch]:
     """The fixed batches a plan table holds (the inverse of :func:`plan_table`)."""
     for record in table.to_pylist():
         rows = [
-            InputRow(row, prompt, reason, digest)
-            for row, prompt, reason, digest in zip(
-                record["rows"], record["prompts"], record["reasons"], record["sha256"], strict=True
+            InputRow(*fields)
+            for fields in zip(
+                record["rows"],
+                record["prompts"],
+                record["reasons"],
+                record["sha256"],
+                record["labels"],
+                record["ids"],
+                strict=True,
             )
         ]
         if [r.row for r in rows] != list(range(record["start"], record["start"] + len(rows))):
@@ -321,7 +331,8 @@ def score_on_ray(
                     if len(got) == stop - start:
                         del waiting[index], expected[index]
                         got.sort(key=lambda r: r["row"])
-                        rows = [InputRow(r["row"], r["prompt"], r["reason"], r["prompt_sha256"]) for r in got]
+                        keys = ("row", "prompt", "reason", "prompt_sha256", "label", "id")
+                        rows = [InputRow(*(r[k] for k in keys)) for r in got]
                         yield Batch(index, start, rows), got
         if expected:
             raise MemattnError(

@@ -8,7 +8,7 @@ import pyarrow as pa
 
 from memattn.errors import MemattnError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the input's label and id columns are kept
 MANIFEST_FILE = "_memattn_scan.json"
 LOCK_FILE = ".memattn_scan.lock"
 PART_PREFIX = "part-"
@@ -29,6 +29,8 @@ SCHEMA = pa.schema(
         pa.field("row", pa.int64(), nullable=False),
         pa.field("prompt", pa.string()),
         pa.field("prompt_sha256", pa.string()),
+        pa.field("id", pa.string()),  # the input's id field, if it has one
+        pa.field("label", pa.int8()),  # the input's 0/1 label (1 = memorized), if it has one
         pa.field("seed", pa.int64(), nullable=False),
         pa.field("status", pa.string(), nullable=False),
         pa.field("reason", pa.string()),
