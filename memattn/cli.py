@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from memattn.cli_notes import note_guidance
 from memattn.errors import MemattnError, run_cli
 from memattn.paths import writable_directory
 from memattn.quiet import quiet_loading
@@ -53,6 +54,7 @@ def detect(
     from memattn.loading import load_pipeline, parse_dtype
 
     quiet_loading()
+    note_guidance(guidance)
     pipe = load_pipeline(model, dtype=parse_dtype(dtype), device=device)
     results = run_detect(
         pipe,
@@ -118,6 +120,7 @@ def calibrate(
     from memattn.prompts_io import read_prompts
 
     quiet_loading()
+    note_guidance(guidance)
     prompts = read_prompts(clean)
     needed = min_clean_prompts(fpr)
     if len(prompts) < needed:
@@ -208,6 +211,7 @@ def generate(
     from memattn.loading import load_pipeline
 
     quiet_loading()
+    note_guidance(guidance)
     prompts = check_prompts(prompts)
     if method not in methods.METHODS:
         raise MemattnError(f"unknown --method {method!r}; choose one of {', '.join(methods.METHODS)}")
@@ -246,7 +250,7 @@ def generate(
     else:
         outcome = f"every image mitigated by {method} (strength {value})"
         outcome = "no mitigation" if method == "none" else outcome
-    Console().print(f"{len(verdicts)} images in {out}; {outcome}")
+    Console().print(f"{len(verdicts)} images in {out}; {outcome}", soft_wrap=True)  # paths unbroken
 
 
 def _layer_arg(layer: str | None) -> int | str | None:

@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from memattn.cli_notes import note_guidance
 from memattn.quiet import quiet_loading
 
 DEFAULT_GUIDANCE = 7.5
@@ -102,6 +103,7 @@ def scan(
     if guidance is None:
         calibrated = load_calibration(model, calibration)
         guidance = (calibrated.guidance_scale if calibrated else None) or DEFAULT_GUIDANCE
+    note_guidance(guidance)
     settings = ScanSettings(
         model=model,
         seed=seed,

@@ -175,3 +175,26 @@ def test_an_unwritable_out_is_refused_before_the_work(args, tmp_path, model_dir)
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: --out /proc/memattn-out") and "cannot be written" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_guidance_at_most_one_says_what_changes(model_dir):
+    """``--guidance 0.5`` gave results identical to 1 without a word; now a note says why, and what is
+    unavailable; the results stay those of guidance 1."""
+    low = CliRunner().invoke(app, ["detect", "a dog", "--model", str(model_dir), "--steps", "2",
+                                   "--scores", "e", "--json", "--guidance", "0.5"])
+    one = CliRunner().invoke(app, ["detect", "a dog", "--model", str(model_dir), "--steps", "2",
+                                   "--scores", "e", "--json", "--guidance", "1"])
+    assert low.exit_code == 0 and one.exit_code == 0, low.output
+    assert "guidance 0.5 <= 1 runs no unconditional branch" in low.stderr
+    assert "noise-norm scores (Wen, bright ending) are unavailable" in low.stderr
+    rows = [[json.loads(x)["score_e"] for x in r.stdout.splitlines() if x[:1] == "{"] for r in (low, one)]
+    assert rows[0] == rows[1]
+
+
+def test_generate_says_what_was_mitigated(model_dir, tmp_path):
+    result = cli("generate", "a dog", "--model", str(model_dir), "--steps", "2", "--method", "rta",
+                 "--out", str(tmp_path / "g"))
+    assert result.returncode == 0, result.stderr
+    assert "1 images in" in result.stdout and "every image mitigated by rta" in result.stdout
+    plain = cli("generate", "a dog", "--model", str(model_dir), "--steps", "2", "--out", str(tmp_path / "p"))
+    assert plain.returncode == 0 and "no mitigation" in plain.stdout
