@@ -1,4 +1,4 @@
-"""Training-time mitigation on the testbed (issue 7): every rule, same seed, data and budget.
+"""Training-time mitigation on the testbed: every rule, same seed, data and budget.
 
 Every run starts from the same untrained testbed model (``memattn.finetune.untrained_testbed``: exactly
 what ``memattn testbed train`` starts from) and trains on the recipe's data — heavy duplication: in

@@ -1,6 +1,6 @@
 """Detection scores: pure functions of an :class:`AttentionRecord` (and its token layouts).
 
-Order of operations follows the official code (../shared/research/METHOD.md §4, §6): average heads per
+Order of operations follows the official code of Ren et al. (2024) (docs/detection.md): average heads per
 layer, then the chosen layers, then take the entropy over all tokens. Entropies are in nats, float32,
 with ``0·log 0 = 0`` (``torch.special.xlogy``), so masked or underflowed tokens never give NaN.
 Higher scores mean "more memorized" for every score here.

@@ -5,7 +5,7 @@ Three mitigations for a diffusers-style training step (``unet(noisy, t, text)`` 
 - :class:`EntropyFilter` — Ren et al.'s unreleased training-time method, as we implement it: the
   cross-attention entropy of each sample, read from the probe during the training forward that computes
   the loss (no extra UNet call), thresholded into a keep-mask. The paper's code was never released, so
-  the variant is a design choice (../shared/research/METHOD.md §9): entropy over all tokens of the head-
+  the variant is a design choice (docs/training.md): entropy over all tokens of the head-
   and layer-mean attention (``layers``: all by default) at the sampled timestep.
 - :class:`NoiseNormFilter` — Wen et al.'s filter: one extra unconditional pass on the same noisy input
   and timestep, ``‖ε(x_t, c) − ε(x_t, ∅)‖₂`` per sample, drop if ``≥ τ`` (their ``--hard_threshold 2``).
