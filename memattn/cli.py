@@ -12,9 +12,13 @@ from rich.console import Console
 from rich.table import Table
 
 from memattn.cli_notes import note_guidance
+from memattn.defaults import resolve_settings
 from memattn.errors import MemattnError, run_cli
 from memattn.paths import writable_directory
 from memattn.quiet import quiet_loading
+
+STEPS_HELP = "Denoising steps (default: the testbed's 25, else the paper's 50)."
+GUIDANCE_HELP = "Classifier-free guidance scale (default: the testbed's 2, else the paper's 7.5)."
 
 app = typer.Typer(
     add_completion=False,
@@ -38,8 +42,8 @@ def detect(
     scores: Annotated[
         str, typer.Option(help="Comma-separated scores: d (full generation), e (first step).")
     ] = "d,e",
-    steps: Annotated[int, typer.Option(min=1, help="Denoising steps (the paper: 50).")] = 50,
-    guidance: Annotated[float, typer.Option(min=0.0, help="Classifier-free guidance scale.")] = 7.5,
+    steps: Annotated[int | None, typer.Option(min=1, help=STEPS_HELP)] = None,
+    guidance: Annotated[float | None, typer.Option(min=0.0, help=GUIDANCE_HELP)] = None,
     seed: Annotated[int, typer.Option(min=0, help="Base seed; prompt i uses seed + i.")] = 0,
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts per pipeline call.")] = 8,
     layer: Annotated[
@@ -54,6 +58,7 @@ def detect(
     from memattn.loading import load_pipeline, parse_dtype
 
     quiet_loading()
+    steps, guidance = resolve_settings(model, steps, guidance)
     note_guidance(guidance)
     pipe = load_pipeline(model, dtype=parse_dtype(dtype), device=device)
     results = run_detect(
@@ -96,8 +101,8 @@ def calibrate(
     fpr: Annotated[float, typer.Option(help="Share of clean prompts the threshold may flag.")] = 0.01,
     score: Annotated[str, typer.Option(help="Step-1 score: e (the paper's) or wen (noise norm).")] = "e",
     layer: Annotated[str | None, typer.Option(help="Layer for E (default: the paper's).")] = None,
-    steps: Annotated[int, typer.Option(min=1, help="Denoising steps of the schedule to score under.")] = 50,
-    guidance: Annotated[float, typer.Option(min=0.0, help="Classifier-free guidance scale.")] = 7.5,
+    steps: Annotated[int | None, typer.Option(min=1, help=STEPS_HELP)] = None,
+    guidance: Annotated[float | None, typer.Option(min=0.0, help=GUIDANCE_HELP)] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts per pipeline call.")] = 16,
     seed: Annotated[int, typer.Option(min=0, help="Base seed; prompt i uses seed + i.")] = 0,
     out: Annotated[
@@ -120,6 +125,7 @@ def calibrate(
     from memattn.prompts_io import read_prompts
 
     quiet_loading()
+    steps, guidance = resolve_settings(model, steps, guidance)
     note_guidance(guidance)
     prompts = read_prompts(clean)
     needed = min_clean_prompts(fpr)
@@ -196,8 +202,8 @@ def generate(
         Path | None,
         typer.Option(help="Guard calibration JSON from `memattn calibrate --out` (default: the model's)."),
     ] = None,
-    steps: Annotated[int, typer.Option(min=1, help="Denoising steps.")] = 50,
-    guidance: Annotated[float, typer.Option(min=0.0, help="Classifier-free guidance scale.")] = 7.5,
+    steps: Annotated[int | None, typer.Option(min=1, help=STEPS_HELP)] = None,
+    guidance: Annotated[float | None, typer.Option(min=0.0, help=GUIDANCE_HELP)] = None,
     seed: Annotated[int, typer.Option(min=0, help="Base seed; prompt i uses seed + i.")] = 0,
     device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
 ) -> None:
@@ -211,6 +217,7 @@ def generate(
     from memattn.loading import load_pipeline
 
     quiet_loading()
+    steps, guidance = resolve_settings(model, steps, guidance)
     note_guidance(guidance)
     prompts = check_prompts(prompts)
     if method not in methods.METHODS:

@@ -12,9 +12,8 @@ from typing import Annotated
 import typer
 
 from memattn.cli_notes import note_guidance
+from memattn.defaults import resolve_settings
 from memattn.quiet import quiet_loading
-
-DEFAULT_GUIDANCE = 7.5
 
 
 def register(app: typer.Typer) -> None:
@@ -38,10 +37,13 @@ def scan(
     full: Annotated[
         bool, typer.Option("--full", help="Run all steps: adds score D (slower by about --steps times).")
     ] = False,
-    steps: Annotated[int, typer.Option(min=1, help="Denoising steps of the schedule (the paper: 50).")] = 50,
+    steps: Annotated[
+        int | None,
+        typer.Option(min=1, help="Denoising steps (default: the calibration's, the testbed's 25, else 50)."),
+    ] = None,
     guidance: Annotated[
         float | None,
-        typer.Option(min=0.0, help="Classifier-free guidance scale (default: the calibration's, else 7.5)."),
+        typer.Option(min=0.0, help="Guidance scale (default: the calibration's, the testbed's 2, else 7.5)."),
     ] = None,
     seed: Annotated[int, typer.Option(min=0, help="Base seed; input row i uses seed + i.")] = 0,
     layer: Annotated[str | None, typer.Option(help="Layer for score E (default: the paper's).")] = None,
@@ -100,9 +102,10 @@ def scan(
     from memattn.scan import scan as run_scan
 
     quiet_loading()
-    if guidance is None:
-        calibrated = load_calibration(model, calibration)
-        guidance = (calibrated.guidance_scale if calibrated else None) or DEFAULT_GUIDANCE
+    calibrated = load_calibration(model, calibration) if steps is None or guidance is None else None
+    stored = (calibrated.settings or {}) if calibrated else {}
+    fallback = {"steps": stored.get("steps"), "guidance": calibrated.guidance_scale if calibrated else None}
+    steps, guidance = resolve_settings(model, steps, guidance, fallback=fallback)
     note_guidance(guidance)
     settings = ScanSettings(
         model=model,

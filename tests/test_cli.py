@@ -198,3 +198,16 @@ def test_generate_says_what_was_mitigated(model_dir, tmp_path):
     assert "1 images in" in result.stdout and "every image mitigated by rta" in result.stdout
     plain = cli("generate", "a dog", "--model", str(model_dir), "--steps", "2", "--out", str(tmp_path / "p"))
     assert plain.returncode == 0 and "no mitigation" in plain.stdout
+
+
+def test_defaults_come_from_the_model_and_are_printed(model_dir):
+    """The testbed is evaluated at 25 steps and guidance 2; the commands defaulted to 50 and 7.5 on it.
+    Every run now prints the settings in effect and where they came from."""
+    testbed = CliRunner().invoke(app, ["detect", "a small red circle in the center", "--model", "testbed",
+                                       "--scores", "e", "--json"])
+    assert testbed.exit_code == 0, testbed.output
+    announced = "settings: steps 25 (the testbed's evaluation setting), guidance 2 (the testbed's"
+    assert announced in testbed.stderr
+    tiny = CliRunner().invoke(app, ["detect", "a dog", "--model", str(model_dir), "--scores", "e", "--json",
+                                    "--steps", "3"])
+    assert "settings: steps 3 (given), guidance 7.5 (the paper's setting)" in tiny.stderr

@@ -113,8 +113,12 @@ def bench_detect(
     seeds: Annotated[
         int, typer.Option(min=1, help="Generations per prompt (seed = index in its file + 100000 * k).")
     ] = 3,
-    steps: Annotated[int, typer.Option(min=1, help="Denoising steps (the paper: 50).")] = 50,
-    guidance: Annotated[float, typer.Option(min=0.0, help="Classifier-free guidance scale (> 1).")] = 7.5,
+    steps: Annotated[
+        int | None, typer.Option(min=1, help="Denoising steps (default: the testbed's 25, else 50).")
+    ] = None,
+    guidance: Annotated[
+        float | None, typer.Option(min=0.0, help="Guidance scale, > 1 (default: the testbed's 2, else 7.5).")
+    ] = None,
     per_group: Annotated[int, typer.Option(min=1, help="Testbed only: prompts per ground-truth group.")] = 32,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per pipeline call.")] = 8,
     scheduler: Annotated[
@@ -128,11 +132,13 @@ def bench_detect(
     """Every detection score (D, E, E per layer, Wen, bright ending, combined step-1) in one pass."""
     from memattn.bench.detect import analyse, collect, per_prompt_scores
     from memattn.combined import DETECTOR_FILE
+    from memattn.defaults import resolve_settings
     from memattn.loading import load_pipeline, resolve_model
     from memattn.prompts_io import read_prompts
     from memattn.quiet import quiet_loading
 
     quiet_loading()
+    steps, guidance = resolve_settings(model, steps, guidance)
     resolved = resolve_model(model)
     is_testbed = (Path(resolved) / "memattn_testbed.json").is_file()
     if memorized is None and clean is None:
