@@ -1,9 +1,10 @@
 """Generate from a trained testbed pipeline per ground-truth group and measure everything at once.
 
 Per generated image: the testbed's calibrated copy measure (``copy_similarity``: v1, detail similarity
-to the nearest training image; v2, whole-image correlation with the prompt's own training image or, if
-higher, with another memorized item's image: leakage; ``measures.OwnImageMatcher``), whole-image pixel
-correlation with the nearest training image, attribute alignment, the
+to the nearest training image; v2, correlation outside the object (the background) with the prompt's
+own training image or, if higher, with another memorized item's image: leakage;
+``measures.OwnImageMatcher``), v1's whole-image pixel correlation with the nearest training image,
+attribute alignment, the
 detection scores (D, E, E of every layer) and where the attention went (BOS / prompt / summary tokens,
 entropy over steps). ``Evaluation.summary()`` turns that into per-group rates and detection metrics.
 """
@@ -340,7 +341,7 @@ def evaluate(
         "per_group": per_group,
         "seeds": seeds,
         "copy_threshold": copy_threshold,
-        "copy_measure": "whole-image correlation" if scene == OBJECT_SCENE else "detail similarity",
+        "copy_measure": "background correlation" if scene == OBJECT_SCENE else "detail similarity",
         "scene": scene,
         "mitigation": mitigation,
         "baseline": baseline,

@@ -6,7 +6,8 @@ each item (a bicubically upsampled 4x4 grid of random colours mixed with a rando
 muted to +-0.7), plus ONE saturated object that the caption describes (colour, shape, size, position on
 a 3x3 grid), covering 5-19 % of the pixels. A caption seen once can only teach the object; a caption
 seen 128 times with the same image can teach the whole image, background included, and that is what a
-copy is: whole-image correlation with the item's own training image (``memattn.testbed.measures``).
+copy is: the background reproduced (correlation with the item's own training image outside the object,
+``memattn.testbed.measures``).
 
 Groups (all captions from one caption distribution, unique across the dataset):
 
