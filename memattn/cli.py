@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from memattn.cli_notes import note_guidance
-from memattn.defaults import resolve_settings
+from memattn.defaults import announce, resolve_settings
 from memattn.errors import MemattnError, run_cli
 from memattn.paths import writable_directory
 from memattn.quiet import quiet_loading
@@ -58,9 +58,10 @@ def detect(
     from memattn.loading import load_pipeline, parse_dtype
 
     quiet_loading()
-    steps, guidance = resolve_settings(model, steps, guidance)
+    steps, guidance, settings_line = resolve_settings(model, steps, guidance)
     note_guidance(guidance)
     pipe = load_pipeline(model, dtype=parse_dtype(dtype), device=device)
+    announce(settings_line)
     results = run_detect(
         pipe,
         prompts,
@@ -125,7 +126,7 @@ def calibrate(
     from memattn.prompts_io import read_prompts
 
     quiet_loading()
-    steps, guidance = resolve_settings(model, steps, guidance)
+    steps, guidance, settings_line = resolve_settings(model, steps, guidance)
     note_guidance(guidance)
     prompts = read_prompts(clean)
     needed = min_clean_prompts(fpr)
@@ -146,6 +147,7 @@ def calibrate(
             "--out FILE, then --calibration FILE to scan and generate"
         )
     pipe = load_pipeline(str(path))
+    announce(settings_line)
     guard = Guard(pipe, threshold=float("inf"), score=score, layer=_layer_arg(layer))  # type: ignore[arg-type]
     scores = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="calibrate", unit="batch"):
@@ -217,7 +219,7 @@ def generate(
     from memattn.loading import load_pipeline
 
     quiet_loading()
-    steps, guidance = resolve_settings(model, steps, guidance)
+    steps, guidance, settings_line = resolve_settings(model, steps, guidance)
     note_guidance(guidance)
     prompts = check_prompts(prompts)
     if method not in methods.METHODS:
@@ -226,6 +228,7 @@ def generate(
         raise MemattnError(f"--calibration {calibration} does not exist; write one with `memattn calibrate`")
     writable_directory(out, "--out")  # before the work: a run must not end with nowhere to put its images
     pipe = load_pipeline(model, device=device)
+    announce(settings_line)
     generators = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(len(prompts))]
     kwargs = {"num_inference_steps": steps, "guidance_scale": guidance, "generator": generators}
     if guard and method != "none":

@@ -32,13 +32,11 @@ def resolve_settings(
     steps: int | None,
     guidance: float | None,
     *,
-    announce: bool = True,
     fallback: dict[str, float | None] | None = None,
-) -> tuple[int, float]:
-    """The step count and guidance a run uses: given > ``fallback`` (e.g. a calibration's) > model's.
-
-    ``announce``: print the settings in effect on stderr, and where each came from.
-    """
+) -> tuple[int, float, str]:
+    """The step count and guidance a run uses: given > ``fallback`` (e.g. a calibration's) > model's,
+    and the line that says so (``settings: steps 25 (...), guidance 2 (...)``), which commands print on
+    stderr once the model has loaded (a bad model name stays a one-line error)."""
     defaults, origin = model_defaults(model)
     chosen: dict[str, tuple[float, str]] = {}
     for name, given in (("steps", steps), ("guidance", guidance)):
@@ -49,10 +47,10 @@ def resolve_settings(
             chosen[name] = (stored, "the calibration's")
         else:
             chosen[name] = (defaults[name], origin)
-    if announce:
-        sys.stderr.write(
-            "settings: "
-            + ", ".join(f"{name} {value:g} ({source})" for name, (value, source) in chosen.items())
-            + "\n"
-        )
-    return int(chosen["steps"][0]), float(chosen["guidance"][0])
+    parts = [f"{name} {value:g} ({source})" for name, (value, source) in chosen.items()]
+    line = "settings: " + ", ".join(parts)
+    return int(chosen["steps"][0]), float(chosen["guidance"][0]), line
+
+
+def announce(line: str) -> None:
+    sys.stderr.write(line + "\n")

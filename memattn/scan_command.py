@@ -105,7 +105,7 @@ def scan(
     calibrated = load_calibration(model, calibration) if steps is None or guidance is None else None
     stored = (calibrated.settings or {}) if calibrated else {}
     fallback = {"steps": stored.get("steps"), "guidance": calibrated.guidance_scale if calibrated else None}
-    steps, guidance = resolve_settings(model, steps, guidance, fallback=fallback)
+    steps, guidance, settings_line = resolve_settings(model, steps, guidance, fallback=fallback)
     note_guidance(guidance)
     settings = ScanSettings(
         model=model,
@@ -140,7 +140,7 @@ def scan(
     Console(stderr=True).print(
         f"{summary.rows} rows in {summary.out}: ok {summary.ok}, skipped {summary.skipped}, truncated "
         f"{summary.truncated}{flagged}{resumed}; {summary.scanned_rows} scanned in {summary.seconds:.1f} s "
-        f"({summary.prompts_per_second:.1f} prompts/s)",
+        f"({summary.prompts_per_second:.1f} prompts/s); {settings_line}",
         highlight=False,
         soft_wrap=True,
     )

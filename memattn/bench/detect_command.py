@@ -132,13 +132,13 @@ def bench_detect(
     """Every detection score (D, E, E per layer, Wen, bright ending, combined step-1) in one pass."""
     from memattn.bench.detect import analyse, collect, per_prompt_scores
     from memattn.combined import DETECTOR_FILE
-    from memattn.defaults import resolve_settings
+    from memattn.defaults import announce, resolve_settings
     from memattn.loading import load_pipeline, resolve_model
     from memattn.prompts_io import read_prompts
     from memattn.quiet import quiet_loading
 
     quiet_loading()
-    steps, guidance = resolve_settings(model, steps, guidance)
+    steps, guidance, settings_line = resolve_settings(model, steps, guidance)
     resolved = resolve_model(model)
     is_testbed = (Path(resolved) / "memattn_testbed.json").is_file()
     if memorized is None and clean is None:
@@ -156,6 +156,7 @@ def bench_detect(
     if seeds < 1:
         raise MemattnError(f"--seeds must be >= 1, got {seeds}")
     pipe = load_pipeline(model, device=device)
+    announce(settings_line)
     if scheduler == "ddim":
         from diffusers import DDIMScheduler
 
