@@ -33,7 +33,7 @@ SCRIPT = "<script>alert(1)</script>"
 IMG = '"><img src=x onerror=alert(2)>'
 DOLLAR = "a $5 poster of a large red circle $x^2$ at the top"  # mathtext in a matplotlib label would break
 
-SCHEMA = SCAN_SCHEMA.append(pa.field("label", pa.int8()))  # a scan of a labelled prompt file
+SCHEMA = SCAN_SCHEMA  # scan keeps a labelled prompt file's label column (schema 2)
 MEMORIZED = [
     SCRIPT,
     IMG,
