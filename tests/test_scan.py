@@ -20,7 +20,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from memattn.errors import MemattnError
+from memattn.errors import Interrupted, MemattnError
 from memattn.scan import (
     MANIFEST_FILE,
     MAX_PROMPT_BYTES,
@@ -281,7 +281,8 @@ def test_resume_after_an_error_continues_exactly(tmp_path, pipe):
         if done >= 32:
             raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
+    # Ctrl-C becomes Interrupted (a MemattnError): it says what was kept and how to resume
+    with pytest.raises(Interrupted, match="32 rows kept in .*; rerun the same command to resume"):
         scan(
             tmp_path / "p.txt",
             tmp_path / "out",
@@ -393,7 +394,7 @@ def test_command_on_a_local_app(tmp_path):
     assert result.exit_code == 0, result.output
     assert "3 rows in" in result.output and "ok 2, skipped 1" in result.output
     table = pq.read_table(out)  # the output directory reads like one Parquet file
-    assert len(table) == 3 and table.schema.metadata[b"memattn.scan.schema_version"] == b"1"
+    assert len(table) == 3 and table.schema.metadata[b"memattn.scan.schema_version"] == b"2"
     refused = CliRunner().invoke(app, [*args, "--seed", "4"])
     assert isinstance(refused.exception, MemattnError) and "settings.seed" in str(refused.exception)
 
