@@ -15,7 +15,7 @@ import pytest
 import torch
 from test_scan import synthetic_prompts  # tests/test_scan.py: pytest puts tests/ on sys.path
 
-from memattn.errors import MemattnError
+from memattn.errors import Interrupted, MemattnError
 from memattn.scan import MANIFEST_FILE, ScanSettings, read_results, scan
 from memattn.scan.inputs import batches, iter_prompts
 from memattn.scan.ray_engine import batches_of, plan_table, score_records
@@ -172,7 +172,7 @@ def test_ray_scan_resumes_after_an_interruption(tmp_path, ray_cluster, pipe, one
             raise KeyboardInterrupt
 
     for out, resume_with in ((tmp_path / "ray-ray", "ray"), (tmp_path / "ray-local", "local")):
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(Interrupted, match="rerun the same command to resume"):
             scan(path, out, SETTINGS, engine="ray", progress=False, rows_per_part=8, on_batch=stop)
         kept = read_results(out)
         rows = kept.column("row").to_pylist()
