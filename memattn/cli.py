@@ -11,14 +11,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from memattn.cli_notes import note_guidance
-from memattn.defaults import announce, resolve_settings
+from memattn.defaults import GUIDANCE_HELP, STEPS_HELP, announce, note_guidance, resolve_settings
 from memattn.errors import MemattnError, run_cli
 from memattn.paths import writable_directory
 from memattn.quiet import quiet_loading
-
-STEPS_HELP = "Denoising steps (default: the testbed's 25, else the paper's 50)."
-GUIDANCE_HELP = "Classifier-free guidance scale (default: the testbed's 2, else the paper's 7.5)."
 
 app = typer.Typer(
     add_completion=False,

@@ -1,4 +1,5 @@
-"""Generation settings a command runs at when the user gives none: the model's own, else the paper's.
+"""Generation settings a command runs at when the user gives none (the model's own, else the paper's),
+and the notes the commands print about them.
 
 A testbed pipeline (it carries ``memattn_testbed.json``) is evaluated at 25 DDIM steps and guidance 2
 everywhere in memattn; any other model gets the paper's Stable Diffusion setting, 50 steps at 7.5.
@@ -14,15 +15,24 @@ TESTBED = {"steps": 25, "guidance": 2.0}
 TESTBED_MANIFEST = "memattn_testbed.json"
 
 
-def model_defaults(model: str | Path) -> tuple[dict[str, float], str]:
-    """``({"steps", "guidance"}, where they come from)`` for ``model`` (a path, hub id or 'testbed')."""
+STEPS_HELP = "Denoising steps (default: the testbed's 25, else the paper's 50)."
+GUIDANCE_HELP = "Classifier-free guidance scale (default: the testbed's 2, else the paper's 7.5)."
+
+
+def is_testbed(model: str | Path) -> bool:
+    """Whether ``model`` (a path, hub id or 'testbed') is a testbed pipeline (it has the manifest)."""
     from memattn.loading import resolve_model
 
     try:
         path = Path(resolve_model(str(model))).expanduser()
-    except Exception:  # an unknown name: loading reports it; the defaults are the paper's
-        return dict(PAPER), "the paper's setting"
-    if (path / TESTBED_MANIFEST).is_file():
+    except Exception:  # an unknown name: loading reports it
+        return False
+    return (path / TESTBED_MANIFEST).is_file()
+
+
+def model_defaults(model: str | Path) -> tuple[dict[str, float], str]:
+    """``({"steps", "guidance"}, where they come from)`` for ``model`` (a path, hub id or 'testbed')."""
+    if is_testbed(model):
         return dict(TESTBED), "the testbed's evaluation setting"
     return dict(PAPER), "the paper's setting"
 
@@ -54,3 +64,19 @@ def resolve_settings(
 
 def announce(line: str) -> None:
     sys.stderr.write(line + "\n")
+
+
+def guidance_note(guidance: float) -> str | None:
+    """Why a guidance scale <= 1 gives the same results as 1 (diffusers skips the unconditional pass)."""
+    if guidance > 1:
+        return None
+    return (
+        f"note: guidance {guidance:g} <= 1 runs no unconditional branch (diffusers' rule): images, D and E "
+        "are those of guidance 1, and the noise-norm scores (Wen, bright ending) are unavailable"
+    )
+
+
+def note_guidance(guidance: float) -> None:
+    note = guidance_note(guidance)
+    if note:
+        sys.stderr.write(note + "\n")

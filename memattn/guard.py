@@ -15,6 +15,7 @@ image in the batch is flagged). Each image gets a :class:`Verdict`. Thresholds c
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -107,8 +108,6 @@ def check_calibrated_settings(stored: dict[str, Any], actual: dict[str, Any], so
 
 def call_settings(pipe: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
     """The settings a pipeline call runs at that a calibrated score depends on (defaults included)."""
-    import inspect
-
     defaults = {
         name: p.default
         for name, p in inspect.signature(type(pipe).__call__).parameters.items()

@@ -11,8 +11,7 @@ from typing import Annotated
 
 import typer
 
-from memattn.cli_notes import note_guidance
-from memattn.defaults import resolve_settings
+from memattn.defaults import note_guidance, resolve_settings
 from memattn.quiet import quiet_loading
 
 

@@ -266,3 +266,16 @@ def test_manifest_lists_a_bounded_sample_per_group_and_counts_all(tmp_path, monk
     assert [g["caption"] for g in listed["groups"]["seen_once"]] == [
         item.caption for item in trainer.dataset.group("seen_once")[:5]
     ]
+
+
+def test_text_states_encoded_per_batch_equal_the_pre_encoded_ones(tmp_path, monkeypatch):
+    """Past ``EMBEDDING_BUDGET_BYTES`` (a one-pass set of ~190k captions) the trainer encodes each batch
+    instead of keeping every state; both give the same states (to float tolerance: other batch shapes)."""
+    import memattn.testbed.train as train_module
+
+    kept = Trainer(TINY_OBJECTS, tmp_path / "kept")
+    monkeypatch.setattr(train_module, "EMBEDDING_BUDGET_BYTES", 0)
+    streamed = Trainer(TINY_OBJECTS, tmp_path / "streamed")
+    assert kept.embeddings is not None and streamed.embeddings is None
+    rows = kept.pair_items[:7]
+    torch.testing.assert_close(streamed.encode(rows), kept.encode(rows), atol=1e-5, rtol=1e-5)

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from memattn.bench.app import bench_app
+from memattn.defaults import GUIDANCE_HELP, STEPS_HELP
 from memattn.errors import MemattnError
 
 TESTBED_POSITIVE_GROUPS = ("memorized_template",)  # plus matching items with >= 32 copies
@@ -113,12 +114,8 @@ def bench_detect(
     seeds: Annotated[
         int, typer.Option(min=1, help="Generations per prompt (seed = index in its file + 100000 * k).")
     ] = 3,
-    steps: Annotated[
-        int | None, typer.Option(min=1, help="Denoising steps (default: the testbed's 25, else 50).")
-    ] = None,
-    guidance: Annotated[
-        float | None, typer.Option(min=0.0, help="Guidance scale, > 1 (default: the testbed's 2, else 7.5).")
-    ] = None,
+    steps: Annotated[int | None, typer.Option(min=1, help=STEPS_HELP)] = None,
+    guidance: Annotated[float | None, typer.Option(min=0.0, help=GUIDANCE_HELP)] = None,
     per_group: Annotated[int, typer.Option(min=1, help="Testbed only: prompts per ground-truth group.")] = 32,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per pipeline call.")] = 8,
     scheduler: Annotated[
@@ -132,7 +129,7 @@ def bench_detect(
     """Every detection score (D, E, E per layer, Wen, bright ending, combined step-1) in one pass."""
     from memattn.bench.detect import analyse, collect, per_prompt_scores
     from memattn.combined import DETECTOR_FILE
-    from memattn.defaults import announce, resolve_settings
+    from memattn.defaults import announce, is_testbed, resolve_settings
     from memattn.loading import load_pipeline, resolve_model
     from memattn.prompts_io import read_prompts
     from memattn.quiet import quiet_loading
@@ -140,9 +137,8 @@ def bench_detect(
     quiet_loading()
     steps, guidance, settings_line = resolve_settings(model, steps, guidance)
     resolved = resolve_model(model)
-    is_testbed = (Path(resolved) / "memattn_testbed.json").is_file()
     if memorized is None and clean is None:
-        if not is_testbed:
+        if not is_testbed(model):
             raise MemattnError(
                 "give --memorized FILE and --clean FILE (only the testbed has built-in labels)"
             )

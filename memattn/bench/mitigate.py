@@ -34,15 +34,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from memattn import methods
+from memattn import defaults, methods
 from memattn.bench.pareto import mark_pareto, pareto_figure
 from memattn.errors import MemattnError
 from memattn.image_measures import SSCD, ClipScore, reference_images
 
 # The groups mitigation_measures reads (the same as benchmarks/mitigation_sweep.py generates).
 TESTBED_GROUPS = ("memorized_matching", "memorized_template", "never_seen", "novel_composition")
-TESTBED_DEFAULTS = {"steps": 25, "guidance": 2.0, "per_group": 48}
-IMAGE_DEFAULTS = {"steps": 50, "guidance": 7.5}
+TESTBED_DEFAULTS = {**defaults.TESTBED, "per_group": 48}
+IMAGE_DEFAULTS = defaults.PAPER
 
 NO_STRENGTH = tuple(name for name, value in methods.DEFAULT_STRENGTH.items() if value is None)
 
@@ -158,13 +158,6 @@ def check_settings(pipe: Any, settings: Sequence[Setting], *, steps: int, guidan
         prepared = methods.prepare(pipe, setting.method, ["a photo"], setting.strength, steps=steps)
         with prepared.context:
             pass
-
-
-def is_testbed(model: str | Path) -> bool:
-    from memattn.loading import resolve_model
-    from memattn.testbed.evaluate import MANIFEST
-
-    return (Path(resolve_model(str(model))) / MANIFEST).is_file()
 
 
 # ------------------------------------------------------------------------------------------------- runs
@@ -355,7 +348,7 @@ def run_mitigation_bench(
     settings = settings_for(parse_methods(method_names), strengths)
     _positive("seeds", seeds)
     _positive("batch-size", batch_size)
-    testbed = sscd is None and clip is None and is_testbed(model)
+    testbed = sscd is None and clip is None and defaults.is_testbed(model)
     if testbed:
         if memorized is not None or clean is not None or reference_dir is not None:
             raise MemattnError(

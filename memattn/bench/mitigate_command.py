@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from memattn.bench.app import bench_app
+from memattn.defaults import GUIDANCE_HELP, STEPS_HELP
 from memattn.methods import METHODS
 
 COLUMN_FORMATS = {  # column -> (header, format); shown when any row has a finite value
@@ -94,13 +95,8 @@ def mitigate_command(
     per_group: Annotated[
         int | None, typer.Option(min=1, help="Testbed only: prompts per ground-truth group (default 48).")
     ] = None,
-    steps: Annotated[
-        int | None, typer.Option(min=1, help="Denoising steps (default: testbed 25, else 50).")
-    ] = None,
-    guidance: Annotated[
-        float | None,
-        typer.Option(min=0.0, help="Classifier-free guidance scale (default: testbed 2, else 7.5)."),
-    ] = None,
+    steps: Annotated[int | None, typer.Option(min=1, help=STEPS_HELP)] = None,
+    guidance: Annotated[float | None, typer.Option(min=0.0, help=GUIDANCE_HELP)] = None,
     batch_size: Annotated[
         int, typer.Option(min=1, help="Images per pipeline call (SSCD/CLIP batches too).")
     ] = 8,

@@ -45,6 +45,7 @@ from memattn.testbed.objects import ObjectsConfig, ObjectsDataset, build_objects
 CHECKPOINTS = "checkpoints"
 _PASS_STREAM = 21  # random stream of the pass orders (sampling="epochs")
 SAMPLING = ("uniform", "epochs")  # batches drawn with replacement / passes without replacement
+EMBEDDING_BUDGET_BYTES = 2 << 30  # text states kept in memory up to this size (v2 bundled: 0.7 GiB)
 MANIFEST_ITEMS_PER_GROUP = 1000  # captions per group listed in a manifest (the rest: rebuild the dataset)
 
 
@@ -199,7 +200,13 @@ class Trainer:
         self.tokens = torch.cat(
             [tokenize(self.tokenizer, captions[i : i + 4096]) for i in range(0, len(captions), 4096)]
         )
+        state_bytes = len(captions) * self.tokens.shape[1] * config.model.text_hidden * 4
+        self.embeddings: torch.Tensor | None = None  # None: too large to keep, encoded per batch
         with torch.no_grad():
+            if state_bytes <= EMBEDDING_BUDGET_BYTES:
+                self.embeddings = torch.cat(
+                    [self.text_encoder(self.tokens[i : i + 256])[0] for i in range(0, len(captions), 256)]
+                )
             self.empty = self.text_encoder(tokenize(self.tokenizer, [""]))[0]
         self.step = 0
         self.sink_log: list[dict] = []
@@ -255,10 +262,21 @@ class Trainer:
 
     # ---- one step -----------------------------------------------------------------------------
     def encode(self, rows: torch.Tensor) -> torch.Tensor:
-        """The frozen encoder's states for the captions of items ``rows`` (encoded per batch: a large
-        dataset's states would not fit in memory)."""
+        """The frozen encoder's states for the captions of items ``rows``: pre-encoded once when they
+        fit in ``EMBEDDING_BUDGET_BYTES`` (every recipe but the one-pass one), else encoded per batch."""
+        if self.embeddings is not None:
+            return self.embeddings[rows].clone()
         with torch.no_grad():
             return self.text_encoder(self.tokens[rows])[0]
+
+    def _pass_order(self, index: int) -> np.ndarray:
+        """The seeded permutation of pass ``index`` (sampling="epochs"); the last two are kept."""
+        if index not in self._pass_orders:
+            rng = np.random.default_rng((self.config.seed, _PASS_STREAM, index))
+            order = rng.permutation(len(self.pair_items))
+            self._pass_orders = {k: v for k, v in self._pass_orders.items() if k == index - 1}
+            self._pass_orders[index] = order
+        return self._pass_orders[index]
 
     def batch_rows(self, generator: torch.Generator) -> torch.Tensor:
         """The items of this step's batch: uniform draws, or the next slice of a seeded pass."""
@@ -266,10 +284,7 @@ class Trainer:
         if cfg.sampling == "uniform":
             return self.pair_items[torch.randint(n, (cfg.batch_size,), generator=generator)]
         positions = range(self.step * cfg.batch_size, (self.step + 1) * cfg.batch_size)
-        for p in {p // n for p in positions} - set(self._pass_orders):
-            order = np.random.default_rng((cfg.seed, _PASS_STREAM, p)).permutation(n)
-            self._pass_orders = {**{k: v for k, v in self._pass_orders.items() if k >= p - 1}, p: order}
-        return self.pair_items[[int(self._pass_orders[p // n][p % n]) for p in positions]]
+        return self.pair_items[[int(self._pass_order(p // n)[p % n]) for p in positions]]
 
     def train_step(self) -> float:
         cfg = self.config
