@@ -13,6 +13,7 @@ from rich.table import Table
 
 from memattn.defaults import GUIDANCE_HELP, STEPS_HELP, announce, note_guidance, resolve_settings
 from memattn.errors import MemattnError, run_cli
+from memattn.layers import parse_layer
 from memattn.paths import writable_directory
 from memattn.quiet import quiet_loading
 
@@ -66,7 +67,7 @@ def detect(
         guidance_scale=guidance,
         seed=seed,
         batch_size=batch_size,
-        layer=_layer_arg(layer),
+        layer=None if layer is None else parse_layer(layer),
         progress=not as_json,
     )
     for result in results:
@@ -142,9 +143,10 @@ def calibrate(
             f"{model} is bundled inside the memattn package, which calibrate never writes into: pass "
             "--out FILE, then --calibration FILE to scan and generate"
         )
-    pipe = load_pipeline(str(path))
+    pipe = load_pipeline(str(path), progress_bar=False)
     announce(settings_line)
-    guard = Guard(pipe, threshold=float("inf"), score=score, layer=_layer_arg(layer))  # type: ignore[arg-type]
+    e_layer = None if layer is None else parse_layer(layer)
+    guard = Guard(pipe, threshold=float("inf"), score=score, layer=e_layer)  # type: ignore[arg-type]
     scores = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="calibrate", unit="batch"):
         batch = prompts[start : start + batch_size]
@@ -220,6 +222,10 @@ def generate(
     prompts = check_prompts(prompts)
     if method not in methods.METHODS:
         raise MemattnError(f"unknown --method {method!r}; choose one of {', '.join(methods.METHODS)}")
+    if guard and method != "none":
+        raise MemattnError(
+            "--guard applies the paper's edit to flagged images only; do not combine it with --method"
+        )
     if calibration is not None and not calibration.is_file():
         raise MemattnError(f"--calibration {calibration} does not exist; write one with `memattn calibrate`")
     writable_directory(out, "--out")  # before the work: a run must not end with nowhere to put its images
@@ -227,10 +233,6 @@ def generate(
     announce(settings_line)
     generators = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(len(prompts))]
     kwargs = {"num_inference_steps": steps, "guidance_scale": guidance, "generator": generators}
-    if guard and method != "none":
-        raise MemattnError(
-            "--guard applies the paper's edit to flagged images only; do not combine it with --method"
-        )
     value = c if method == "ren2024" and strength is None else strength
     prepared = methods.prepare(pipe, method, prompts, value, seed=seed, steps=steps)
     context, generated_prompts = prepared.context, prepared.prompts
@@ -257,10 +259,6 @@ def generate(
         outcome = f"every image mitigated by {method} (strength {value})"
         outcome = "no mitigation" if method == "none" else outcome
     Console().print(f"{len(verdicts)} images in {out}; {outcome}", soft_wrap=True)  # paths unbroken
-
-
-def _layer_arg(layer: str | None) -> int | str | None:
-    return int(layer) if layer is not None and layer.lstrip("-").isdigit() else layer
 
 
 def _add_subcommands() -> None:

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from memattn import scores
 from memattn.errors import MemattnError
 from memattn.probe import trace
+from memattn.quiet import pipeline_bar_off
 
 SCORES = ("d", "e")
 
@@ -70,40 +71,52 @@ def detect(
     first_step_only = "d" not in which
     results: list[Detection] = []
     starts = range(0, len(prompts), batch_size)
-    for start in tqdm(starts, desc="detect", unit="batch", disable=not progress or len(starts) < 2):
-        batch = prompts[start : start + batch_size]
-        seeds = [seed + start + i for i in range(len(batch))]
-        generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-        kwargs: dict[str, Any] = {}
+    calls_per_batch = 1 if first_step_only else steps
+    # One tick per UNet step (an E-only run makes one per batch), so a long D run shows it moves.
+    bar = tqdm(total=len(starts) * calls_per_batch, desc="detect", unit="step", disable=not progress)
+
+    def on_step_end(pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
+        bar.update(1)
         if first_step_only:
-            kwargs["callback_on_step_end"] = stop_after_first_step
-        with trace(pipe) as tr:
-            pipe(
-                list(batch),
-                num_inference_steps=steps,
-                guidance_scale=guidance_scale,
-                generator=generators,
-                output_type="latent",
-                **kwargs,
-            )
-        record = tr.record
-        d = scores.score_d(record).tolist() if "d" in which else [None] * len(batch)
-        e = scores.score_e(record, layer).tolist() if "e" in which else [None] * len(batch)
-        triggers = scores.trigger_tokens(record)
-        for i, prompt in enumerate(batch):
-            layout = record.layouts[i]
-            results.append(
-                Detection(
-                    prompt=prompt,
-                    seed=seeds[i],
-                    score_d=d[i],
-                    score_e=e[i],
-                    n_tokens=layout.n_tokens,
-                    truncated=layout.truncated,
-                    triggers=[(t.token, t.share) for t in triggers[i]],
+            return stop_after_first_step(pipe, step, timestep, callback_kwargs)
+        return callback_kwargs
+
+    with bar, pipeline_bar_off(pipe):
+        for start in starts:
+            batch = prompts[start : start + batch_size]
+            seeds = [seed + start + i for i in range(len(batch))]
+            generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+            with trace(pipe) as tr:
+                pipe(
+                    list(batch),
+                    num_inference_steps=steps,
+                    guidance_scale=guidance_scale,
+                    generator=generators,
+                    output_type="latent",
+                    callback_on_step_end=on_step_end,
                 )
-            )
+            results += _detections(tr.record, batch, seeds, which, layer)
     return results
+
+
+def _detections(
+    record: Any, batch: Sequence[str], seeds: list[int], which: Sequence[str], layer: int | str | None
+) -> list[Detection]:
+    d = scores.score_d(record).tolist() if "d" in which else [None] * len(batch)
+    e = scores.score_e(record, layer).tolist() if "e" in which else [None] * len(batch)
+    triggers = scores.trigger_tokens(record)
+    return [
+        Detection(
+            prompt=prompt,
+            seed=seeds[i],
+            score_d=d[i],
+            score_e=e[i],
+            n_tokens=record.layouts[i].n_tokens,
+            truncated=record.layouts[i].truncated,
+            triggers=[(t.token, t.share) for t in triggers[i]],
+        )
+        for i, prompt in enumerate(batch)
+    ]
 
 
 def stop_after_first_step(pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:

@@ -30,6 +30,7 @@ from memattn.detect import stop_after_first_step
 from memattn.detectors import NoiseDifference
 from memattn.edits import AttentionEdit
 from memattn.errors import MemattnError
+from memattn.layers import parse_layer
 from memattn.mitigation import Mitigation
 from memattn.probe import Trace
 from memattn.scores import score_e, trigger_tokens
@@ -208,11 +209,12 @@ class Guard:
             if path is None or not Path(path).is_file():
                 raise MemattnError(
                     "the guard has no threshold: run `memattn calibrate --model PATH --clean CLEAN_PROMPTS "
-                    "--fpr 0.01` (writes memattn_guard.json next to the model), or pass threshold="
+                    "--fpr 0.01` (writes memattn_guard.json next to the model), or pass threshold= "
+                    "(CLI: --threshold)"
                 )
             loaded = Calibration.load(Path(path))
             threshold, score = loaded.threshold, loaded.score  # type: ignore[assignment]
-            layer = loaded.layer if layer is None else layer
+            layer = parse_layer(loaded.layer) if layer is None and loaded.layer is not None else layer
             self.calibration: tuple[Calibration, str] | None = (loaded, str(path))
         else:
             self.calibration = None

@@ -54,10 +54,14 @@ def resolve_model(model: str) -> Path | str:
     return model
 
 
-def load_pipeline(model: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Any:
+def load_pipeline(
+    model: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu", progress_bar: bool = True
+) -> Any:
     """``DiffusionPipeline.from_pretrained`` on a local path, else on a hub id (cache first).
 
-    ``"testbed"`` loads the testbed model bundled with memattn.
+    ``"testbed"`` loads the testbed model bundled with memattn. ``progress_bar=False`` switches the
+    pipeline's per-call bar off, for callers that show their own progress; by default the pipeline
+    keeps diffusers' setting.
     """
     from diffusers import DiffusionPipeline
 
@@ -76,15 +80,15 @@ def load_pipeline(model: str, *, dtype: torch.dtype = torch.float32, device: str
             )
         _import_own_components(path / "model_index.json")
         _check_weight_files(path)
-        return _from_pretrained(DiffusionPipeline, str(path), model, dtype, device, local_only=True)
+        return _from_pretrained(DiffusionPipeline, str(path), model, dtype, device, True, progress_bar)
     if model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise ModelNotFoundError(f"model {model} not found: no such directory")
     try:
-        return _from_pretrained(DiffusionPipeline, model, model, dtype, device, local_only=True)
+        return _from_pretrained(DiffusionPipeline, model, model, dtype, device, True, progress_bar)
     except ModelNotFoundError:
         if os.environ.get("HF_HUB_OFFLINE") == "1":
             raise
-    return _from_pretrained(DiffusionPipeline, model, model, dtype, device, local_only=False)
+    return _from_pretrained(DiffusionPipeline, model, model, dtype, device, False, progress_bar)
 
 
 def check_device(device: str) -> torch.device:
@@ -147,7 +151,7 @@ def _import_own_components(model_index: Path) -> None:
 
 
 def _from_pretrained(
-    cls: Any, source: str, model: str, dtype: torch.dtype, device: str, *, local_only: bool
+    cls: Any, source: str, model: str, dtype: torch.dtype, device: str, local_only: bool, progress_bar: bool
 ) -> Any:
     try:
         pipe = cls.from_pretrained(source, dtype=dtype, use_safetensors=True, local_files_only=local_only)
@@ -162,5 +166,6 @@ def _from_pretrained(
             f"model {model} not found locally; pass a local path to a diffusers pipeline directory, or a "
             "hub id that is cached or reachable from this machine"
         ) from None
-    pipe.set_progress_bar_config(disable=True)
+    if not progress_bar:
+        pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

@@ -24,6 +24,7 @@ from diffusers.models.attention_processor import Attention
 
 from memattn.edits import AttentionEdit, merge_masks
 from memattn.errors import LayoutError, RecordError, UnsupportedModelError
+from memattn.layers import resolve_layer
 from memattn.record import AttentionRecord
 from memattn.tokens import TokenLayout, pipeline_layouts
 
@@ -399,16 +400,7 @@ class Trace:
         self._segments: list[_Segment] | None = None  # an attached trace's segments, kept at exit
 
     def _resolve_layer(self, layer: int | str) -> int:
-        if isinstance(layer, int):
-            if not 0 <= layer < len(self.layer_names):
-                raise RecordError(f"layer index {layer} out of range 0..{len(self.layer_names) - 1}")
-            return layer
-        name = layer.removesuffix(".processor")
-        if name not in self.layer_names:
-            raise RecordError(
-                f"unknown cross-attention layer {layer!r}; known: {', '.join(self.layer_names)}"
-            )
-        return self.layer_names.index(name)
+        return resolve_layer(self.layer_names, layer)
 
     # ---- install / restore --------------------------------------------------------------------
     def _installed_recorder(self) -> Recorder | None:

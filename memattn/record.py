@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from memattn.errors import LayoutError, RecordError
+from memattn.layers import resolve_layer
 from memattn.tokens import TokenLayout
 
 # The layer the paper's score E reads in SD1.x (forward index 3, 32×32 at 512 px).
@@ -57,20 +58,8 @@ class AttentionRecord:
         return torch.stack([source[:, i, :, :h].mean(dim=2) for i, h in enumerate(self.heads)], dim=1)
 
     def layer_index(self, layer: int | str) -> int:
-        """Forward-order index of a layer given by index or diffusers name (``.processor`` optional)."""
-        if isinstance(layer, int):
-            if not -self.n_layers <= layer < self.n_layers:
-                raise RecordError(f"layer index {layer} out of range: the record has {self.n_layers} layers")
-            return layer % self.n_layers
-        name = layer.removesuffix(".processor")
-        matches = [i for i, n in enumerate(self.layer_names) if n == name]
-        if not matches:
-            matches = [i for i, n in enumerate(self.layer_names) if n.startswith(name + ".")]
-        if len(matches) != 1:
-            listing = ", ".join(f"{i}: {n}" for i, n in enumerate(self.layer_names))
-            why = "is ambiguous" if matches else "is not a recorded cross-attention layer"
-            raise RecordError(f"layer {layer!r} {why}; recorded layers are {listing}")
-        return matches[0]
+        """Forward-order index of a layer, named as :func:`memattn.layers.resolve_layer` names them."""
+        return resolve_layer(self.layer_names, layer)
 
     def default_e_layer(self) -> int:
         """The layer score E reads by default.

@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from memattn.defaults import note_guidance, resolve_settings
+from memattn.layers import parse_layer
 from memattn.quiet import quiet_loading
 
 
@@ -113,7 +114,7 @@ def scan(
         full=full,
         steps=steps,
         guidance_scale=float(guidance),
-        layer=int(layer) if layer is not None and layer.lstrip("-").isdigit() else layer,
+        layer=None if layer is None else parse_layer(layer),
         device=device,
         dtype=dtype,
         too_long=too_long,

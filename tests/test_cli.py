@@ -61,6 +61,24 @@ def test_first_step_only_makes_one_unet_call(model_dir):
     assert len(calls) == 1
 
 
+def test_progress_per_step_and_the_users_pipeline_bar_left_alone(model_dir, capsys):
+    from memattn.detect import detect
+    from memattn.loading import load_pipeline
+
+    assert "disable" not in getattr(load_pipeline(str(model_dir)), "_progress_bar_config", {})
+    assert load_pipeline(str(model_dir), progress_bar=False)._progress_bar_config == {"disable": True}
+    pipe = load_pipeline(str(model_dir))
+    pipe.set_progress_bar_config(desc="the user's bar")
+    capsys.readouterr()
+    detect(pipe, ["a dog", "a cat"], which=["d"], steps=3, batch_size=1)
+    err = capsys.readouterr().err
+    assert "detect" in err and "6/6" in err  # 2 batches x 3 steps, one tick per UNet step
+    assert "the user's bar" not in err  # memattn's bar replaces the pipeline's during the run ...
+    assert pipe._progress_bar_config == {"desc": "the user's bar"}  # ... and gives it back after
+    pipe("a dog", num_inference_steps=2, output_type="latent")
+    assert "the user's bar" in capsys.readouterr().err
+
+
 def test_missing_model_is_one_line_exit_2():
     result = cli("detect", "a dog", "--model", "nobody/no-such-model-here")
     assert result.returncode == 2
@@ -75,7 +93,7 @@ def test_missing_model_is_one_line_exit_2():
         (["", "--steps", "2"], "prompt 0 is empty"),
         (["a dog", "--scores", "d", "--steps", "1"], "needs at least 2 denoising steps"),
         (["a dog", "--scores", "x"], "unknown score"),
-        (["a dog", "--layer", "down_blocks.9", "--steps", "2"], "not a recorded cross-attention layer"),
+        (["a dog", "--layer", "down_blocks.9", "--steps", "2"], "not a cross-attention layer"),
     ],
 )
 def test_bad_input_gives_clear_errors(model_dir, args, message):

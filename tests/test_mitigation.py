@@ -159,8 +159,33 @@ def test_step_and_layer_windows(sd1_pipe):
     with pytest.raises(MemattnError, match="valid steps are 0..2"):
         with memattn.mitigate(sd1_pipe, steps=range(2, 6)):
             generate(sd1_pipe, PROMPTS[:1], [0], steps=3)
-    with pytest.raises(MemattnError, match="unknown cross-attention layer"):
+    with pytest.raises(MemattnError, match="is not a cross-attention layer of this model"):
         memattn.mitigate(sd1_pipe, layers=["nope"])
+
+
+def test_a_layer_means_the_same_in_mitigate_trace_and_scores(sd1_pipe):
+    """Index, negative index, full name, ``.processor`` name and block name: one resolver for all."""
+    from memattn.layers import parse_layer
+    from memattn.mitigation import Mitigation
+
+    with memattn.trace(sd1_pipe) as tr:
+        generate(sd1_pipe, PROMPTS[:1], [0], steps=1)
+    record = tr.record
+    name = record.layer_names[3]
+    block = name.removesuffix(".transformer_blocks.0.attn2")
+    forms = [3, 3 - record.n_layers, name, name + ".processor", block, parse_layer(" 3 "), parse_layer("-13")]
+    for form in forms:
+        assert Mitigation(sd1_pipe, AttentionEdit(c=1.25), layers=[form]).edit.layers == (3,), form
+        assert record.layer_index(form) == 3, form
+        assert torch.equal(memattn.score_e(record, form), memattn.score_e(record, 3)), form
+    with memattn.trace(sd1_pipe, map_layers=[block, -1], map_steps=[0]) as tr:
+        generate(sd1_pipe, PROMPTS[:1], [0], steps=1)
+    assert {layer for _, layer in tr.record.maps} == {3, record.n_layers - 1}
+    for bad in ("down_blocks.1", 16, True):
+        with pytest.raises(MemattnError):
+            memattn.mitigate(sd1_pipe, layers=[bad])
+        with pytest.raises(MemattnError):
+            record.layer_index(bad)
 
 
 def test_prompt_embeds_need_lengths(sd1_pipe):

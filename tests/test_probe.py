@@ -251,7 +251,7 @@ def test_several_calls_inside_one_trace(sd1_pipe):
 
 
 def test_unknown_map_layer_is_a_clear_error(sd1_pipe):
-    with pytest.raises(RecordError, match="unknown cross-attention layer"):
+    with pytest.raises(RecordError, match="is not a cross-attention layer of this model"):
         memattn.trace(sd1_pipe, map_layers=["down_blocks.9.attn2"])
 
 

@@ -69,7 +69,7 @@ def test_e_layer_by_name_index_and_default_agree(sd1_record):
 
 def test_unknown_layer_and_too_few_steps_are_clear_errors(sd1_record):
     with pytest.raises(
-        RecordError, match="not a recorded cross-attention layer; recorded layers are 0: down"
+        RecordError, match="is not a cross-attention layer of this model; the layers are 0: down"
     ):
         memattn.score_e(sd1_record, "down_blocks.7.attentions.0")
     with pytest.raises(RecordError, match="ambiguous"):

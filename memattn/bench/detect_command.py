@@ -151,7 +151,7 @@ def bench_detect(
         groups = ["memorized"] * len(positives) + ["clean"] * len(negatives)
     if seeds < 1:
         raise MemattnError(f"--seeds must be >= 1, got {seeds}")
-    pipe = load_pipeline(model, device=device)
+    pipe = load_pipeline(model, device=device, progress_bar=False)
     announce(settings_line)
     if scheduler == "ddim":
         from diffusers import DDIMScheduler

@@ -389,7 +389,8 @@ def run_mitigation_bench(
     # Cheap inputs first (files, models of the measures), then the pipeline, then the settings on it.
     if testbed:
         path = Path(resolve_model(str(model)))
-        pipe = pipe if pipe is not None else load_pipeline(str(path), dtype=dtype, device=device)
+        if pipe is None:
+            pipe = load_pipeline(str(path), dtype=dtype, device=device, progress_bar=False)
         check_settings(pipe, settings, steps=steps, guidance=guidance)
         _warm_up(pipe, guidance)
         rows = _testbed_rows(
@@ -411,7 +412,8 @@ def run_mitigation_bench(
         if reference_dir is not None:
             assert descriptor is not None
             references = descriptor.embed(reference_images(reference_dir, len(memorized_prompts)))
-        pipe = pipe if pipe is not None else load_pipeline(str(model), dtype=dtype, device=device)
+        if pipe is None:
+            pipe = load_pipeline(str(model), dtype=dtype, device=device, progress_bar=False)
         check_settings(pipe, settings, steps=steps, guidance=guidance)
         _warm_up(pipe, guidance)
         rows = _image_rows(

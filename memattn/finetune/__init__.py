@@ -67,6 +67,7 @@ from memattn.finetune.config import (
     saved_recipe,
 )
 from memattn.finetune.data import TrainData, load_folder_data, load_testbed_data
+from memattn.layers import parse_layers
 from memattn.train_filter import (
     CaptionAugmenter,
     EntropyFilter,
@@ -90,12 +91,6 @@ def _fresh_accelerate_state() -> None:
     if AcceleratorState._shared_state and PartialState._shared_state.get("num_processes", 1) == 1:
         AcceleratorState._reset_state()
         GradientState._reset_state()
-
-
-def _layer_spec(layers: Sequence[int | str] | None) -> list[int | str] | None:
-    if layers is None:
-        return None
-    return [int(x) if isinstance(x, str) and x.lstrip("-").isdigit() else x for x in layers]
 
 
 class Finetuner:
@@ -132,7 +127,7 @@ class Finetuner:
         device = self.accelerator.device
         self.weight_dtype = _weight_dtype(config.mixed_precision)
         self.base = Path(resolve_model(config.model))
-        pipe = load_pipeline(config.model)
+        pipe = load_pipeline(config.model, progress_bar=False)
         self.pipe = pipe
         if getattr(pipe, "unet", None) is None or getattr(pipe, "tokenizer", None) is None:
             raise MemattnError(
@@ -243,10 +238,10 @@ class Finetuner:
         self.augmenter: CaptionAugmenter | None = None
         if m.kind == "entropy":
             self.entropy_filter = EntropyFilter(
-                m.rule or "zscore", threshold=m.threshold, layers=_layer_spec(m.layers), **common
+                m.rule or "zscore", threshold=m.threshold, layers=parse_layers(m.layers), **common
             )
         elif m.monitor:
-            self.entropy_filter = EntropyFilter("zscore", layers=_layer_spec(m.layers))
+            self.entropy_filter = EntropyFilter("zscore", layers=parse_layers(m.layers))
         if m.kind == "noise-norm":
             self.noise_filter = NoiseNormFilter(
                 self.model, m.rule or "zscore", threshold=m.threshold, **common

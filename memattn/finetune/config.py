@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from memattn.errors import MemattnError
+from memattn.layers import parse_layers
 
 MITIGATIONS = ("none", "entropy", "noise-norm", "caption-aug", "random-drop")
 CHECKPOINTS = "checkpoints"  # same layout as the testbed trainer (memattn.testbed.train)
@@ -59,10 +60,7 @@ class MitigationConfig:
         if self.kind not in MITIGATIONS:
             raise MemattnError(f"unknown mitigation {self.kind!r}; choose one of {', '.join(MITIGATIONS)}")
         if self.layers is not None:
-            layers = tuple(
-                int(x) if isinstance(x, str) and x.lstrip("-").isdigit() else x for x in self.layers
-            )
-            object.__setattr__(self, "layers", layers)
+            object.__setattr__(self, "layers", parse_layers(self.layers))
         if not 0.0 <= self.drop_prob < 1.0:
             raise MemattnError(f"drop-prob must be a probability in [0, 1), got {self.drop_prob}")
         if self.kind == "random-drop" and self.drop_prob == 0.0:

@@ -183,11 +183,9 @@ def load_model(model: str | None, results: Results, device: str, dtype: str) -> 
                 model,
             )
     try:
-        pipe = load_pipeline(model, dtype=parse_dtype(dtype), device=device)
+        pipe = load_pipeline(model, dtype=parse_dtype(dtype), device=device, progress_bar=False)
     except Exception as error:  # a model that cannot be loaded only costs two sections
         return None, f"model {model!r} could not be loaded ({type(error).__name__}: {error})", model
-    if hasattr(pipe, "set_progress_bar_config"):
-        pipe.set_progress_bar_config(disable=True)
     return pipe, None, model
 
 

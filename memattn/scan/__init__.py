@@ -305,7 +305,9 @@ def _score_locally(
 def _load(settings: ScanSettings) -> Any:
     from memattn.loading import load_pipeline, parse_dtype
 
-    return load_pipeline(settings.model, dtype=parse_dtype(settings.dtype), device=settings.device)
+    return load_pipeline(
+        settings.model, dtype=parse_dtype(settings.dtype), device=settings.device, progress_bar=False
+    )
 
 
 def read_results(out: str | Path, columns: list[str] | None = None) -> pa.Table:

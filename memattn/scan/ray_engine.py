@@ -144,7 +144,8 @@ class ScanActor:
         quiet_loading()
         # Ray shows an actor only the GPU it reserved for it (CUDA_VISIBLE_DEVICES): that is "cuda" here.
         device = "cuda" if settings.device.startswith("cuda") else settings.device
-        pipe = load_pipeline(settings.model, dtype=parse_dtype(settings.dtype), device=device)
+        dtype = parse_dtype(settings.dtype)
+        pipe = load_pipeline(settings.model, dtype=dtype, device=device, progress_bar=False)
         self.settings = settings
         self.version = __version__
         self.scorer = BatchScorer(pipe, settings, calibration, detector)

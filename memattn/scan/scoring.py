@@ -10,6 +10,7 @@ from typing import Any
 
 from memattn.detect import stop_after_first_step
 from memattn.errors import MemattnError
+from memattn.layers import parse_layer
 from memattn.scan.inputs import sha
 from memattn.scan.schema import ScanSettings
 
@@ -70,7 +71,7 @@ def load_calibration(model: str, calibration: str | None) -> Calibrated | None:
     return Calibrated(
         float(loaded.threshold),
         loaded.score,
-        _layer(loaded.layer),
+        None if loaded.layer is None else parse_layer(str(loaded.layer)),
         str(path.resolve()),
         loaded.guidance_scale,
         asdict(loaded),
@@ -97,10 +98,6 @@ def check_calibration(calibrated: Calibrated | None, settings: ScanSettings) -> 
             f"scan runs at {settings.guidance_scale:g}: pass --guidance {calibrated.guidance_scale:g} (the "
             "default when a calibration exists), or --calibration none to scan without flags"
         )
-
-
-def _layer(layer: int | str | None) -> int | str | None:
-    return int(layer) if isinstance(layer, str) and layer.lstrip("-").isdigit() else layer
 
 
 def load_detector(model: str) -> tuple[Any, str] | None:

@@ -233,7 +233,7 @@ def evaluate(
     dataset = dataset_for(model)
     scene = scene_of(model)
     copy_threshold = copy_threshold_for(scene) if copy_threshold is None else copy_threshold
-    pipe = pipe if pipe is not None else load_pipeline(str(model))
+    pipe = pipe if pipe is not None else load_pipeline(str(model), progress_bar=False)
     classifier, _ = load_classifier(model / CLASSIFIER_FILE)
     train_items = [item for item in dataset.items if item.duplication > 0]
     if scene == OBJECT_SCENE:
