@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
+from memattn.console import print_table, stdout, table
+from memattn.console import stderr as err
 from memattn.defaults import GUIDANCE_HELP, STEPS_HELP, announce, note_guidance, resolve_settings
 from memattn.errors import MemattnError, run_cli
 from memattn.layers import parse_layer
@@ -19,14 +19,27 @@ from memattn.quiet import quiet_loading
 
 app = typer.Typer(
     add_completion=False,
+    rich_markup_mode=None,  # click's help: wraps to the terminal and never cuts an option name
     no_args_is_help=True,
     help="Find training-data memorization in text-to-image diffusion models through their cross-attention.",
 )
-err = Console(stderr=True)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from memattn import __version__
+
+        typer.echo(f"memattn {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
     """memattn command line."""
 
 
@@ -77,11 +90,10 @@ def detect(
         for result in results:
             sys.stdout.write(json.dumps({"model": model, **result.to_dict()}) + "\n")
         return
-    table = Table(title=f"memattn detect — {model}")
-    for column in ("#", "prompt", "D", "E", "tokens", "trigger tokens"):
-        table.add_column(column, overflow="fold")
+    headers = ("#", "prompt", "D", "E", "tokens", "trigger tokens")
+    view = table(f"memattn detect — {model}", headers, overflow="fold")
     for i, result in enumerate(results):
-        table.add_row(
+        view.add_row(
             str(i),
             result.prompt,
             "-" if result.score_d is None else f"{result.score_d:.4f}",
@@ -89,7 +101,7 @@ def detect(
             f"{result.n_tokens}{'+' if result.truncated else ''}",
             ", ".join(f"{token} {share:.1%}" for token, share in result.triggers),
         )
-    Console().print(table)
+    print_table(stdout, view)
 
 
 @app.command()
@@ -171,7 +183,7 @@ def calibrate(
         calibration.save(target)
     except OSError as error:
         raise MemattnError(f"cannot write {target} ({error.strerror}); pass --out FILE") from None
-    Console().print(
+    stdout.print(
         f"threshold {threshold:.6g} on score {score}: flags {flagged} of {len(scores)} clean prompts "
         f"({flagged / len(scores):.2%}) at {settings['steps']} steps, guidance {guidance:g}, "
         f"{settings['scheduler']}, {settings['resolution']}, {settings['dtype']}; written to {target}"
@@ -258,7 +270,7 @@ def generate(
     else:
         outcome = f"every image mitigated by {method} (strength {value})"
         outcome = "no mitigation" if method == "none" else outcome
-    Console().print(f"{len(verdicts)} images in {out}; {outcome}", soft_wrap=True)  # paths unbroken
+    stdout.print(f"{len(verdicts)} images in {out}; {outcome}")
 
 
 def _add_subcommands() -> None:
@@ -276,7 +288,9 @@ def _add_subcommands() -> None:
 
 _add_subcommands()
 
-testbed_app = typer.Typer(no_args_is_help=True, help="The CPU-scale memorization testbed.")
+testbed_app = typer.Typer(
+    rich_markup_mode=None, no_args_is_help=True, help="The CPU-scale memorization testbed."
+)
 app.add_typer(testbed_app, name="testbed")
 
 
@@ -321,7 +335,7 @@ def testbed_train(
             config, text_encoder=text_encoder, text_pretrain_steps=0 if text_encoder == "random" else pretrain
         )
     target = train(config, out, resume=resume)
-    Console().print(f"testbed pipeline written to {target}")
+    stdout.print(f"testbed pipeline written to {target}")
 
 
 @testbed_app.command("info")
@@ -336,21 +350,18 @@ def testbed_info(
 
     path = Path(resolve_model(model))
     data = load_manifest(path)
-    table = Table(title=f"testbed {path}")
-    for column in ("group", "prompts", "duplication counts", "example"):
-        table.add_column(column, overflow="fold")
+    view = table(f"testbed {path}", ("group", "prompts", "duplication counts", "example"), overflow="fold")
     sizes = data.get("summary", {}).get("items", {})
     for name, items in data["groups"].items():
         counts = sorted({item["duplication"] for item in items})
-        table.add_row(
+        view.add_row(
             name,
             str(sizes.get(name, len(items))),
             ", ".join(map(str, counts)),
             items[0]["caption"] if items else "",
         )
-    console = Console()
-    console.print(table)
-    console.print(
+    print_table(stdout, view)
+    stdout.print(
         f"memattn {data['memattn_version']}, seed {data['seed']}, {data['training_seconds']} s of training "
         f"({data['config']['steps']} steps) on {data['machine']}\ncommand: {data['command']}"
     )
@@ -413,7 +424,7 @@ def testbed_report(
         raise MemattnError(
             f"--guidance {guidance}: must be at least 1 (1 turns classifier-free guidance off)"
         )
-    console = Console()
+    console = stdout
     path = Path(resolve_model(model))
     manifest = load_manifest(path)
     console.print(
@@ -440,21 +451,10 @@ def testbed_report(
     seconds = time.time() - started
     report = write_report(evaluation, out, extra={"wall time (s)": round(seconds, 1)}, mitigated=mitigated)
     summary = json.loads((out / "summary.json").read_text())
-    groups = Table(
-        title=f"generations per group (copy: {summary['copy_measure']} > {summary['copy_threshold']})"
+    groups = table(
+        f"generations per group (copy: {summary['copy_measure']} > {summary['copy_threshold']})",
+        ("group", "n", "copy rate", "own copies", "leakage", "align", "all attrs", "BOS", "summary"),
     )
-    for column in (
-        "group",
-        "n",
-        "copy rate",
-        "own copies",
-        "leakage",
-        "align",
-        "all attrs",
-        "BOS",
-        "summary",
-    ):
-        groups.add_column(column)
     for name, g in summary["groups"].items():
         groups.add_row(
             name,
@@ -467,13 +467,14 @@ def testbed_report(
             f"{g['bos_share']:.3f}",
             f"{g['summary_share']:.3f}",
         )
-    console.print(groups)
+    print_table(console, groups)
     from memattn.testbed.report import detection_ranking
 
     negatives = list(summary["detection_auc_by_negative_group"])
-    detection = Table(title="detection, best first: memorized_matching vs non-memorized (higher = memorized)")
-    for column in ("score", "UNet calls", "AUC", "TPR@1%FPR", *(f"vs {g}" for g in negatives)):
-        detection.add_column(column)
+    detection = table(
+        "detection, best first: memorized_matching vs non-memorized (higher = memorized)",
+        ("score", "UNet calls", "AUC", "TPR@1%FPR", *(f"vs {g}" for g in negatives)),
+    )
     for r in detection_ranking(summary):
         detection.add_row(
             r["score"],
@@ -482,7 +483,7 @@ def testbed_report(
             "" if r["tpr_at_fpr"] is None else f"{r['tpr_at_fpr']:.3f}",
             *("" if r["by_group"].get(g) is None else f"{r['by_group'][g]:.3f}" for g in negatives),
         )
-    console.print(detection)
+    print_table(console, detection)
     if mitigated is not None:
         m = summary["mitigation"]
         console.print(

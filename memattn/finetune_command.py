@@ -122,8 +122,7 @@ def finetune(
     progress: Annotated[bool, typer.Option(help="Show the progress bar (loss, drop rate).")] = True,
 ) -> None:
     """Fine-tune a pipeline's UNet (text encoder frozen) with a training-time memorization mitigation."""
-    from rich.console import Console
-
+    from memattn.console import stderr
     from memattn.finetune import FinetuneConfig, MitigationConfig
     from memattn.finetune import finetune as run
 
@@ -168,7 +167,7 @@ def finetune(
         progress=progress,
     )
     target = run(config)
-    Console(stderr=True).print(
+    stderr.print(
         f"fine-tuned pipeline written to {target}; per-step log: {output_dir / 'log.jsonl'}"
     )
 
@@ -249,7 +248,7 @@ def cli_args(config) -> list[str]:  # noqa: ANN001 (a FinetuneConfig; kept impor
 
 def main() -> None:
     """``python -m memattn.finetune_command finetune ...`` (and ``accelerate launch -m ...``)."""
-    app = typer.Typer(add_completion=False, no_args_is_help=True)
+    app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None)
 
     @app.callback()
     def _root() -> None:

@@ -45,8 +45,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """One self-contained HTML report of a scan: score distributions, ROC (with labels), top flagged
         prompts with trigger tokens, per-token attention heat maps and entropy curves."""
-        from rich.console import Console
-
+        from memattn.console import stdout
         from memattn.paths import writable_file
         from memattn.report import write_scan_report
 
@@ -64,4 +63,4 @@ def register(app: typer.Typer) -> None:
             device=device,
             dtype=dtype,
         )
-        Console().print(f"report: {path}")
+        stdout.print(f"report: {path}")

@@ -96,8 +96,7 @@ def scan(
 
     Rerun the same command after a crash: it continues where it stopped. docs/scan.md has the schema.
     """
-    from rich.console import Console
-
+    from memattn.console import stderr
     from memattn.scan import ScanSettings, load_calibration
     from memattn.scan import scan as run_scan
 
@@ -137,10 +136,9 @@ def scan(
     resumed = f"; resumed after {summary.resumed_rows} rows" if summary.resumed_rows else ""
     if summary.engine_info.get("actors"):
         resumed += f" ({summary.engine_info['actors']} Ray actors)"
-    Console(stderr=True).print(
+    stderr.print(
         f"{summary.rows} rows in {summary.out}: ok {summary.ok}, skipped {summary.skipped}, truncated "
         f"{summary.truncated}{flagged}{resumed}; {summary.scanned_rows} scanned in {summary.seconds:.1f} s "
         f"({summary.prompts_per_second:.1f} prompts/s); {settings_line}",
         highlight=False,
-        soft_wrap=True,
     )

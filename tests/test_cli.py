@@ -229,3 +229,65 @@ def test_defaults_come_from_the_model_and_are_printed(model_dir):
     tiny = CliRunner().invoke(app, ["detect", "a dog", "--model", str(model_dir), "--scores", "e", "--json",
                                     "--steps", "3"])
     assert "settings: steps 3 (given), guidance 7.5 (the paper's setting)" in tiny.stderr
+
+
+def _commands(group, path=()):
+    import click
+
+    for name, command in group.commands.items():
+        yield (*path, name), command
+        if isinstance(command, click.Group):
+            yield from _commands(command, (*path, name))
+
+
+def test_help_fits_80_columns_with_every_option_name_whole():
+    import typer
+
+    root = typer.main.get_command(app)
+    runner = CliRunner()
+    checked = 0
+    for path, command in _commands(root):
+        result = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "80"}, terminal_width=80)
+        assert result.exit_code == 0, (path, result.output)
+        assert all(len(line) <= 80 for line in result.output.splitlines()), path
+        assert "…" not in result.output, path
+        for param in command.params:
+            for name in (*param.opts, *param.secondary_opts):
+                if name.startswith("-"):
+                    assert name in result.output, (path, name)
+                    checked += 1
+    assert checked > 100  # every command's options, the finetune command's 30-odd included
+
+
+def test_version():
+    from memattn import __version__
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"memattn {__version__}"
+
+
+@pytest.mark.parametrize("measured", ["testbed", "every"])
+def test_tables_at_80_columns_never_cut_a_header_or_a_number(measured):
+    from rich.console import Console
+
+    from memattn.bench.mitigate_command import COLUMN_FORMATS, _table
+    from memattn.console import print_table
+
+    keys = list(COLUMN_FORMATS)
+    if measured == "testbed":  # what a testbed run measures (no SSCD, no CLIP)
+        keys = [k for k in keys if not k.startswith(("sscd", "clip"))]
+    rows = [
+        {"setting": setting, "model": "testbed", "mode": "testbed", "pareto": i == 0}
+        | {k: 0.123456 for k in keys}
+        for i, setting in enumerate(["none", "ren2024 C=1.25", "gni λ=0.5"])
+    ]
+    console = Console(width=80, record=True)
+    print_table(console, _table(rows))
+    text = console.export_text()
+    assert "…" not in text and "0.12" in text and console.width == 80
+    for key in keys:
+        for word in COLUMN_FORMATS[key][0].replace("\\[", "[").split():
+            assert word in text, word
+    for row in rows:
+        assert row["setting"] in text
+    assert "Pareto" in text

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import typer
 
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: detection scores and mitigation methods.")
+bench_app = typer.Typer(
+    rich_markup_mode=None, no_args_is_help=True, help="Benchmarks: detection scores and mitigation methods."
+)
 
 
 def register() -> typer.Typer:

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from memattn.bench.app import bench_app
+from memattn.console import print_table, stdout
+from memattn.console import table as make_table
 from memattn.defaults import GUIDANCE_HELP, STEPS_HELP
 from memattn.errors import MemattnError
 
@@ -203,10 +203,11 @@ def bench_detect(
         "by_negative_group": by_group,
     }
     (out / "detect_bench.json").write_text(json.dumps(summary, indent=1))
-    console = Console()
-    view = Table(title=f"detection on held-out prompts ({int(held_out.sum())} of {len(prompts)})")
-    for column in ("score", "AUC [95% CI]", "TPR@1% (interp / nearest)", "TPR@10%", "UNet calls", "s/image"):
-        view.add_column(column)
+    console = stdout
+    view = make_table(
+        f"detection on held-out prompts ({int(held_out.sum())} of {len(prompts)})",
+        ("score", "AUC [95% CI]", "TPR@1% (interp / nearest)", "TPR@10%", "UNet calls", "s/image"),
+    )
     for row in table:
         low, high = row["auc_ci95"]
         view.add_row(
@@ -217,15 +218,14 @@ def bench_detect(
             str(row["unet_calls_per_image"]),
             f"{row['seconds_per_image']:.3f}",
         )
-    console.print(view)
+    print_table(console, view)
     if len(by_group) > 1:
-        view = Table(title="AUC on held-out prompts: memorized vs each non-memorized group")
-        view.add_column("score")
-        for group in by_group:
-            view.add_column(group)
+        view = make_table(
+            "AUC on held-out prompts: memorized vs each non-memorized group", ("score", *by_group)
+        )
         for name in [row["score"] for row in table]:
             view.add_row(name, *(f"{by_group[g][name]['auc']:.3f}" for g in by_group))
-        console.print(view)
+        print_table(console, view)
     console.print(
         f"wrote {out}/detect_bench.csv, detect_bench.json, detect_rows.jsonl, roc.png, {DETECTOR_FILE}"
     )

@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from memattn.bench.app import bench_app
+from memattn.console import print_table, stdout, table
 from memattn.defaults import GUIDANCE_HELP, STEPS_HELP
 from memattn.methods import METHODS
 
@@ -20,7 +20,7 @@ COLUMN_FORMATS = {  # column -> (header, format); shown when any row has a finit
     "similarity_128": ("sim 128×", "{:.3f}"),
     "copy_rate_template": ("copy tmpl", "{:.2f}"),
     "alignment_clean": ("align clean", "{:.3f}"),
-    "all_attributes_clean": ("all 5 right", "{:.2f}"),
+    "all_attributes_clean": ("all attrs right", "{:.2f}"),
     "sscd_gen": (escape("SSCD [gen]"), "{:.3f}"),
     "sscd_train": (escape("SSCD [train]"), "{:.3f}"),
     "clip_score_clean": ("CLIP clean", "{:.2f}"),
@@ -38,20 +38,20 @@ def _cell(value: Any, fmt: str) -> str:
 
 def _table(rows: list[dict[str, Any]]) -> Table:
     run = rows[0]
-    table = Table(title=f"memattn bench mitigate — {run['model']} ({run['mode']} measures)")
     shown = [
         key
         for key in COLUMN_FORMATS
         if any(isinstance(row.get(key), int | float) and math.isfinite(row[key]) for row in rows)
     ]
-    table.add_column("setting", no_wrap=True)
-    for key in shown:
-        table.add_column(COLUMN_FORMATS[key][0], justify="right")
-    table.add_column("Pareto")
+    title = f"memattn bench mitigate — {run['model']} ({run['mode']} measures)"
+    view = table(title, ["setting", *(COLUMN_FORMATS[key][0] for key in shown), "Pareto"])
+    view.columns[0].min_width = max(len(str(row["setting"])) for row in rows)  # one setting, one line
+    for column in view.columns[1:-1]:
+        column.justify = "right"
     for row in rows:
         cells = [_cell(row.get(key), COLUMN_FORMATS[key][1]) for key in shown]
-        table.add_row(row["setting"], *cells, "yes" if row.get("pareto") else "")
-    return table
+        view.add_row(row["setting"], *cells, "yes" if row.get("pareto") else "")
+    return view
 
 
 @bench_app.command("mitigate")
@@ -136,8 +136,8 @@ def mitigate_command(
         dtype=parse_dtype(dtype),
     )
     written = write_outputs(rows, out)
-    console = Console()
-    console.print(_table(rows))
+    console = stdout
+    print_table(console, _table(rows))
     for note in bench_notes(rows):
         console.print(f"note: {note}")
     if "png" not in written:
