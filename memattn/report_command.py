@@ -32,7 +32,9 @@ def register(app: typer.Typer) -> None:
         maps: Annotated[
             int, typer.Option(help="Flagged prompts (and as many clean ones) regenerated for heat maps.")
         ] = 4,
-        steps: Annotated[int, typer.Option(min=1, help="Denoising steps of the regeneration.")] = 25,
+        steps: Annotated[
+            int | None, typer.Option(min=1, help="Denoising steps of the regeneration (default: the scan's).")
+        ] = None,
         guidance: Annotated[
             float | None,
             typer.Option(min=0.0, help="Guidance scale of the regeneration (default: the scan's)."),

@@ -169,6 +169,10 @@ def test_report_with_testbed_regenerations(testbed_report):
     assert top.count("<tr>") == 1 + 5
     assert "<mark" in top and "pixel art" in top and "minimal style" not in top
     assert "white backdrop" not in top  # the memorized prompt below the threshold is not flagged
+    # headers say which step a share is from; every score cell has the same three decimals
+    assert '<th title="BOS attention share (step 1)">BOS share, step 1</th>' in top
+    cells = re.findall(r"<td>(-?\d+\.\d+)</td>", top)
+    assert cells and all(len(c.split(".")[1]) == 3 for c in cells), cells
     assert "AUC" in html and "flagged (FPR" not in html  # the legend is inside the PNG
     assert "not valid UTF-8" in html and "empty prompt" in html
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -220,8 +224,9 @@ def test_report_of_a_real_scan(tmp_path):
     summary = scan.scan(prompts, tmp_path / "scan", scan.ScanSettings(model="testbed", steps=4, batch_size=5),
                         progress=False)
     assert summary.rows == 10 and summary.skipped == 2
-    page = write_scan_report(tmp_path / "scan", tmp_path / "r.html", maps=1, steps=3, progress=False)
+    page = write_scan_report(tmp_path / "scan", tmp_path / "r.html", maps=1, progress=False)
     html = page.read_text()
+    assert "4 steps, guidance 2" in html  # regenerated at the scan's settings, not a default
     assert "Regeneration failed" not in html and "Not available" not in html
     assert "&lt;script&gt;" in _unmarked(html) and "<script" not in html.lower()
     assert html.count("<mark") >= 3  # trigger tokens placed by position with the testbed tokenizer

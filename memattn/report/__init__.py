@@ -28,8 +28,9 @@ from typing import Any
 import pyarrow as pa
 from jinja2 import Environment, PackageLoader, select_autoescape
 
+from memattn.defaults import model_defaults
 from memattn.errors import MemattnError
-from memattn.report.constants import CSP, MANIFEST_FILE, SCORE_LABELS
+from memattn.report.constants import CSP, MANIFEST_FILE, SCORE_HEADERS, SCORE_LABELS
 from memattn.report.figures import detection, entropy_figure, score_histograms
 from memattn.report.regenerate import (
     Regenerated,
@@ -99,11 +100,12 @@ def _skip_reasons(results: Results, limit: int = 10) -> list[tuple[str, int]]:
     return counts.most_common(limit)
 
 
-def _number(value: Any, digits: int = 4) -> str:
+def _number(value: Any, decimals: int = 3) -> str:
+    """One format for every float in a table (3.070 beside 3.393, not 3.07 beside 0.0009324)."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "–"
     if isinstance(value, float):
-        return f"{value:.{digits}g}"
+        return f"{value:.{decimals}f}"
     return str(value)
 
 
@@ -114,7 +116,7 @@ def write_scan_report(
     top: int = 20,
     maps: int = 4,
     *,
-    steps: int = 25,
+    steps: int | None = None,
     guidance_scale: float | None = None,
     score: str | None = None,
     device: str = "cpu",
@@ -127,14 +129,13 @@ def write_scan_report(
     ``model`` regenerates the top ``maps`` flagged and ``maps`` clean prompts (same seeds) for the heat
     maps and entropy curves: a pipeline directory, hub id or ``"testbed"``; ``None`` takes the table's
     ``model`` column when it is a local directory (or the bundled testbed); ``"none"`` skips them.
-    ``pipe`` reuses a loaded pipeline instead. ``steps``: denoising steps of the regeneration;
-    ``guidance_scale``: default the scan's (from its manifest), else 7.5. ``score`` ranks the prompts
+    ``pipe`` reuses a loaded pipeline instead. ``steps`` and ``guidance_scale`` of the regeneration:
+    default the scan's (from its manifest), else the model's defaults (:mod:`memattn.defaults`), so
+    the heat maps show the run the scores came from. ``score`` ranks the prompts
     (default: the score the threshold applies to, else E).
     """
     if top < 0 or maps < 0:
         raise MemattnError(f"--top and --maps must be ≥ 0, got {top} and {maps}")
-    if steps < 2:
-        raise MemattnError(f"--steps {steps}: entropy over steps needs at least 2")
     results_path, out_path = Path(results_path), Path(out_path)
     if out_path.is_dir():
         raise MemattnError(f"--out {out_path} is a directory; give the HTML file to write")
@@ -142,9 +143,16 @@ def write_scan_report(
     manifest = read_manifest(results_path) if results_path.is_dir() else {}
     results = Results.from_table(table, manifest, score)
     settings = manifest_part(manifest, "settings")
+    fallback, _ = model_defaults(model or settings.get("model") or "")
     if guidance_scale is None:
         stored = settings.get("guidance_scale")
-        guidance_scale = float(stored) if isinstance(stored, int | float) else 7.5
+        guidance_scale = float(stored) if isinstance(stored, int | float) else fallback["guidance"]
+    if steps is None:
+        stored = settings.get("steps")
+        known = isinstance(stored, int) and not isinstance(stored, bool)
+        steps = int(stored) if known else int(fallback["steps"])
+    if steps < 2:
+        raise MemattnError(f"--steps {steps}: entropy over steps needs at least 2")
 
     ranking = results.ranking()
     regenerated: list[Regenerated] = []
@@ -201,6 +209,7 @@ def write_scan_report(
         "threshold_score": results.threshold_score,
         "rank_score": results.rank_score,
         "score_labels": SCORE_LABELS,
+        "score_headers": SCORE_HEADERS,
         "score_columns": list(results.scores),
         "scan_settings": settings,
         "histograms": score_histograms(results),

@@ -12,6 +12,16 @@ SCORE_LABELS = {
     "bos_share": "BOS attention share (step 1)",
     "summary_share": "summary-token attention share (step 1)",
 }
+# Column headers of the top-prompts table (the long label is the header's tooltip). The shares are the
+# first step's, as the scan measures them; the heat maps' percentages are over the whole regeneration.
+SCORE_HEADERS = {
+    "score_e": "E",
+    "wen_step1": "Wen",
+    "score_combined": "combined",
+    "score_d": "D",
+    "bos_share": "BOS share, step 1",
+    "summary_share": "summary share, step 1",
+}
 # Scores a threshold may apply to, in the order they are tried when the results do not say which.
 THRESHOLD_SCORES = ("score_e", "wen_step1", "score_combined", "score_d")
 FLAGGED_COLOR, CLEAN_COLOR, UNKNOWN_COLOR = "#c0392b", "#2980b9", "#7f8c8d"

@@ -140,7 +140,7 @@ def overlay_figure(image: np.ndarray, tokens: list[dict[str, Any]]) -> str:
     height, width = image.shape[:2]
     extent = (0, width, height, 0)
     axes[0, 0].imshow(image, extent=extent, interpolation="nearest")
-    axes[0, 0].set_title("generated", fontsize=8)
+    axes[0, 0].set_title("generated\n(share: all steps)", fontsize=8)  # the table's shares are step 1
     for ax, token in zip(axes[0, 1:], tokens, strict=True):
         heat = token["heat"]
         peak = float(heat.max())

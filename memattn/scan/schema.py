@@ -64,19 +64,33 @@ SCORE_COLUMNS = (
 
 @dataclass(frozen=True)
 class ScanSettings:
-    """Everything that changes a row's values; a resumed scan must match the manifest on all of it."""
+    """Everything that changes a row's values; a resumed scan must match the manifest on all of it.
+
+    ``steps`` and ``guidance_scale`` default to the model's (:func:`memattn.defaults.model_defaults`:
+    the testbed's 25 and 2, else the paper's 50 and 7.5), as on the command line.
+    """
 
     model: str
     seed: int = 0
     batch_size: int = 8
     full: bool = False
-    steps: int = 50
-    guidance_scale: float = 7.5
+    steps: int = None  # type: ignore[assignment]  # None: the model's; always an int after __init__
+    guidance_scale: float = None  # type: ignore[assignment]
     layer: int | str | None = None
     device: str = "cpu"
     dtype: str = "float32"
     too_long: str = "truncate"
     top_k: int = 3
+
+    def __post_init__(self) -> None:
+        if self.steps is None or self.guidance_scale is None:
+            from memattn.defaults import model_defaults
+
+            defaults, _ = model_defaults(self.model)
+            if self.steps is None:
+                object.__setattr__(self, "steps", int(defaults["steps"]))
+            if self.guidance_scale is None:
+                object.__setattr__(self, "guidance_scale", float(defaults["guidance"]))
 
     def check(self) -> None:
         if self.batch_size < 1:

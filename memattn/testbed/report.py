@@ -59,6 +59,7 @@ def copies_figure(evaluation: Evaluation, path: Path, threshold: float, per_grou
         half = per_group // 2
         picked = index[:half] + [i for i in index[-(per_group - half) :] if i not in index[:half]]
         shown.append(picked)
+    per_group = max(1, max(len(picked) for picked in shown))  # no empty columns in a small run
     fig, axes = plt.subplots(
         2 * len(groups), per_group, figsize=(1.4 * per_group, 2.9 * len(groups)), squeeze=False
     )
@@ -83,8 +84,9 @@ def copies_figure(evaluation: Evaluation, path: Path, threshold: float, per_grou
                 fontsize=7,
                 color="#c0392b" if verdict == "COPY" else "#333",
             )
-            if column == 0:
-                top.set_ylabel(f"{group}\ngenerated", fontsize=7)
+            if column == 0:  # group names run to 18 characters: break them so tight_layout keeps them
+                name = group.replace("_", "\n")
+                top.set_ylabel(f"{name}\ngenerated", fontsize=7)
                 bottom.set_ylabel("nearest\ntraining", fontsize=7)
             examples.append(
                 {
@@ -96,12 +98,12 @@ def copies_figure(evaluation: Evaluation, path: Path, threshold: float, per_grou
                 }
             )
     fig.suptitle(
-        f"generated (top) vs nearest training image (bottom, by {evaluation.settings.get('copy_measure')}); "
+        f"generated (top) vs nearest training image (bottom)\nby {evaluation.settings.get('copy_measure')}; "
         f"copy: similarity > {threshold}",
         fontsize=9,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # room for the suptitle
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return examples
 
