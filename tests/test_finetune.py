@@ -205,6 +205,38 @@ def test_sigkill_then_resume_latest_is_bit_exact(base, tmp_path):
     assert [e["step"] for e in read_log(tmp_path / "killed")] == list(range(1, 31))
 
 
+def test_ctrl_c_finishes_the_step_checkpoints_it_and_says_how_to_resume(base, tmp_path):
+    from memattn.finetune import _kept_after_interrupt
+
+    run = config(base, tmp_path / "stopped", max_train_steps=12, checkpointing_steps=1000)
+    command = [sys.executable, "-m", "memattn.finetune_command", "finetune", *cli_args(run), "--no-progress"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "stopped" / "log.jsonl"
+    deadline = time.time() + 600  # a hang guard only: a busy machine may be slow to reach step 1
+    while time.time() < deadline and process.poll() is None and not (log.is_file() and log.read_text()):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 130, stderr[-2000:]
+    kept = latest_checkpoint(tmp_path / "stopped")
+    assert kept is not None, stderr[-2000:]  # no regular checkpoint was due: Ctrl-C wrote this one
+    steps = [e["step"] for e in read_log(tmp_path / "stopped")]
+    assert kept.name == f"step-{steps[-1]:07d}" and steps[-1] < 12
+    assert (
+        f"interrupted: checkpoint {kept} kept (step {steps[-1]} of 12); rerun the same command with "
+        "--resume-from-checkpoint latest" in stderr
+    )
+    assert "Traceback" not in stderr
+    resumed = subprocess.run(
+        [*command, "--resume-from-checkpoint", "latest"], capture_output=True, text=True, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert [e["step"] for e in read_log(tmp_path / "stopped")] == list(range(1, 13))
+    finetune(replace(run, output_dir=str(tmp_path / "straight")))
+    assert same_weights(tmp_path / "stopped", tmp_path / "straight")
+    assert "nothing kept" in _kept_after_interrupt(tmp_path / "empty", 30)
+
+
 def test_checkpoint_from_before_a_new_mitigation_option_still_resumes(base, tmp_path):
     """A run checkpointed by a version without `drop_prob` (added later) resumes; a real change does not."""
     finetune(config(base, tmp_path, max_train_steps=2))

@@ -35,6 +35,7 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from memattn.errors import MemattnError
+from memattn.errors import Interrupted, MemattnError
 from memattn.finetune.checkpoints import (
     StepLog,
     corrupt_checkpoint,
@@ -67,6 +68,7 @@ from memattn.finetune.config import (
     saved_recipe,
 )
 from memattn.finetune.data import TrainData, load_folder_data, load_testbed_data
+from memattn.interrupts import StopRequest
 from memattn.layers import parse_layers
 from memattn.train_filter import (
     CaptionAugmenter,
@@ -621,8 +623,12 @@ def finetune(config: FinetuneConfig, *, command: str | None = None) -> Path:
         desc="finetune",
         disable=not (config.progress and main),
     )
+    # One process: the first Ctrl-C finishes the step in hand and checkpoints it. Several processes
+    # would each have to agree on the step first, so there Ctrl-C stops at once (last checkpoint kept).
+    graceful = tuner.accelerator.num_processes == 1
+    stop = StopRequest("finishing this step, then writing a checkpoint")
     try:
-        with tuner:
+        with tuner, (stop if graceful else nullcontext(stop)):
             while tuner.step < config.max_train_steps:
                 entry = tuner.train_step()
                 seconds += entry["seconds"]
@@ -630,12 +636,32 @@ def finetune(config: FinetuneConfig, *, command: str | None = None) -> Path:
                 log.write(entry)
                 bar.update(1)
                 bar.set_postfix(loss=f"{entry['loss']:.4f}", drop=f"{dropped / max(seen, 1):.1%}")
-                if tuner.step % config.checkpointing_steps == 0 or tuner.step == config.max_train_steps:
+                at_end = tuner.step == config.max_train_steps
+                if stop.requested or tuner.step % config.checkpointing_steps == 0 or at_end:
                     tuner.save_checkpoint()
+                if stop.requested and not at_end:
+                    raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        raise Interrupted(_kept_after_interrupt(out, config.max_train_steps)) from None
     finally:
         bar.close()
         log.close()
     return tuner.export(seconds, command)
+
+
+def _kept_after_interrupt(out: Path, total: int) -> str:
+    """What an interrupted run leaves: its latest checkpoint and how to go on, or that nothing was kept."""
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is None:
+        return (
+            f"no training step finished, nothing kept in {out} (checkpoints come every "
+            "--checkpointing-steps and on Ctrl-C); rerun the same command to start again"
+        )
+    step = int(checkpoint.name.removeprefix("step-"))
+    return (
+        f"checkpoint {checkpoint} kept (step {step} of {total}); rerun the same command with "
+        "--resume-from-checkpoint latest to resume"
+    )
 
 
 # ---- the testbed as a base ---------------------------------------------------------------------------
