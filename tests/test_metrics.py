@@ -39,3 +39,28 @@ def test_bad_input_is_a_clear_error():
         detection_metrics([1, 0], [float("nan"), 0.2])
     with pytest.raises(MemattnError, match="2 labels but 3 scores"):
         detection_metrics([1, 0], [0.1, 0.2, 0.3])
+
+
+def test_bootstrap_roc_equals_scikit_learn_with_ties_and_duplicates():
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    from memattn.metrics import bootstrap_auc_and_tpr, bootstrap_roc, tpr_at_fpr
+
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        n = int(rng.integers(2, 60))
+        labels = rng.integers(0, 2, n)
+        labels[:2] = [0, 1]  # both classes, as every bootstrap sample has
+        scores = rng.normal(size=n)
+        if trial % 2:
+            scores = np.round(scores, 1)  # many ties, as resampled prompts repeat
+        sample = rng.integers(0, n, n)
+        sample[:2] = [0, 1]
+        y, s = labels[sample], scores[sample]
+        expected_fpr, expected_tpr, _ = roc_curve(y, s)
+        fpr, tpr = bootstrap_roc(y, s)
+        np.testing.assert_array_equal(fpr, expected_fpr)
+        np.testing.assert_array_equal(tpr, expected_tpr)
+        auc, tpr1 = bootstrap_auc_and_tpr(y, s, 0.1)
+        assert auc == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+        assert tpr1 == tpr_at_fpr(y, s, 0.1)

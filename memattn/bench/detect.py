@@ -25,7 +25,7 @@ from memattn.combined import CombinedDetector
 from memattn.detect import check_prompts, stop_after_first_step
 from memattn.detectors import BE_LAYERS, NoiseDifference, bright_ending, step1_features
 from memattn.errors import MemattnError
-from memattn.metrics import tpr_at_fpr
+from memattn.metrics import bootstrap_auc_and_tpr, tpr_at_fpr
 from memattn.probe import trace
 
 FPRS = (0.01, 0.03, 0.05, 0.10)
@@ -168,8 +168,9 @@ def score_table(
             sample = np.concatenate(
                 [rng.choice(positives, len(positives)), rng.choice(negatives, len(negatives))]
             )
-            aucs.append(roc_auc_score(labels[sample], values[sample]))
-            tprs.append(tpr_at_fpr(labels[sample], values[sample], 0.01))
+            auc, tpr = bootstrap_auc_and_tpr(labels[sample], values[sample], 0.01)
+            aucs.append(auc)
+            tprs.append(tpr)
         row["auc_ci95"] = [float(np.percentile(aucs, 2.5)), float(np.percentile(aucs, 97.5))]
         row["tpr@1%fpr_nearest_ci95"] = [float(np.percentile(tprs, 2.5)), float(np.percentile(tprs, 97.5))]
         table.append(row)
