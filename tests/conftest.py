@@ -10,6 +10,9 @@ import torch
 from memattn.tiny import tiny_pipeline
 
 PROMPTS_DIR = Path(__file__).resolve().parents[1] / "data" / "prompts"
+# Subprocess and polling limits exist to catch hangs, not to time healthy runs: a busy 2-core laptop
+# ran the slowest subprocess (the --fast testbed training, about 3 min when quiet) past 20 minutes.
+HANG_GUARD_S = 2400
 
 
 def generators(seeds: list[int]) -> list[torch.Generator]:

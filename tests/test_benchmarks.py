@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import HANG_GUARD_S
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,7 +20,7 @@ def test_probe_overhead_quick_run(tmp_path):
         [sys.executable, str(ROOT / "benchmarks" / "probe_overhead.py"), "--quick", "--json", str(out)],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG_GUARD_S,
     )
     assert result.returncode == 0, result.stderr
     assert "probe overhead ratio" in result.stdout
@@ -34,7 +35,7 @@ def test_mitigation_overhead_quick_run(tmp_path):
         [sys.executable, str(ROOT / "benchmarks" / "mitigation_overhead.py"), "--quick", "--json", str(out)],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG_GUARD_S,
     )
     assert result.returncode == 0, result.stderr
     arms = json.loads(out.read_text())["arms"]
@@ -49,7 +50,7 @@ def test_detect_cost_quick_run(tmp_path):
         [sys.executable, str(ROOT / "benchmarks" / "detect_cost.py"), "--quick", "--json", str(out)],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG_GUARD_S,
     )
     assert result.returncode == 0, result.stderr
     data = json.loads(out.read_text())

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import HANG_GUARD_S
 from typer.testing import CliRunner
 
 from memattn.cli import app
@@ -22,7 +23,7 @@ def model_dir(tmp_path_factory):
 
 def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "memattn", *args], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "memattn", *args], capture_output=True, text=True, timeout=HANG_GUARD_S
     )
 
 
@@ -188,7 +189,7 @@ def test_an_unwritable_out_is_refused_before_the_work(args, tmp_path, model_dir)
     target = "/proc/memattn-out/x.html" if args[0] == "report" else "/proc/memattn-out"
     result = subprocess.run(
         [sys.executable, "-m", "memattn", *args, target, "--model", str(model_dir)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=HANG_GUARD_S,
     )
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: --out /proc/memattn-out") and "cannot be written" in result.stderr

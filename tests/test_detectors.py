@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import generators
+from conftest import HANG_GUARD_S, generators
 from sklearn.metrics import roc_auc_score, roc_curve
 
 import memattn
@@ -147,7 +147,7 @@ def test_bench_detect_cli_on_the_testbed(tmp_path):
         [*run, "--seeds", "1", "--steps", "3", "--guidance", "2", "--per-group", "4"],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=HANG_GUARD_S,
     )
     assert done.returncode == 0, done.stderr
     for name in (
@@ -166,5 +166,7 @@ def test_bench_detect_cli_on_the_testbed(tmp_path):
     for table in by_group.values():
         assert {"score_d", "score_e", "wen_step1", "minus_bos_share", "combined"} <= set(table)
         assert all(0 <= entry["auc"] <= 1 for entry in table.values())
-    bad = subprocess.run([*run, "--model", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [*run, "--model", str(tmp_path)], capture_output=True, text=True, timeout=HANG_GUARD_S
+    )
     assert bad.returncode == 2 and "--memorized FILE and --clean FILE" in bad.stderr

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import typer
+from conftest import HANG_GUARD_S
 from typer.testing import CliRunner
 
 from memattn.cli import app
@@ -216,7 +217,7 @@ def test_the_python_blocks_run(name, workdir, readme_runs):
     source = python_source(path, workdir)
     assert source.strip()
     done = subprocess.run(
-        [sys.executable, "-c", source], cwd=workdir, capture_output=True, text=True, timeout=900
+        [sys.executable, "-c", source], cwd=workdir, capture_output=True, text=True, timeout=HANG_GUARD_S
     )
     assert done.returncode == 0, f"{name}:\n{done.stderr[-3000:]}"
 

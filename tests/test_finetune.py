@@ -35,6 +35,7 @@ from memattn.finetune import (
 from memattn.finetune_command import cli_args, register
 
 sys.path.insert(0, str(Path(__file__).parent))
+from conftest import HANG_GUARD_S
 from test_testbed_train import TINY  # noqa: E402  (the testbed tests' tiny recipe)
 
 UNET = Path("pipeline") / "unet" / "diffusion_pytorch_model.safetensors"
@@ -185,7 +186,7 @@ def test_sigkill_then_resume_latest_is_bit_exact(base, tmp_path):
     long = config(base, tmp_path / "killed", max_train_steps=30, checkpointing_steps=2)
     command = [sys.executable, "-m", "memattn.finetune_command", "finetune", *cli_args(long), "--no-progress"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
+    deadline = time.time() + HANG_GUARD_S
     while (
         time.time() < deadline and latest_checkpoint(tmp_path / "killed") is None and process.poll() is None
     ):
@@ -197,7 +198,7 @@ def test_sigkill_then_resume_latest_is_bit_exact(base, tmp_path):
     assert killed_at is not None and killed_at.name != "step-0000030", process.stderr.read().decode()[-2000:]
     assert not (tmp_path / "killed" / "pipeline").exists()
     resumed = subprocess.run(
-        [*command, "--resume-from-checkpoint", "latest"], capture_output=True, text=True, timeout=300
+        [*command, "--resume-from-checkpoint", "latest"], capture_output=True, text=True, timeout=HANG_GUARD_S
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     finetune(replace(long, output_dir=str(tmp_path / "straight")))
@@ -212,11 +213,11 @@ def test_ctrl_c_finishes_the_step_checkpoints_it_and_says_how_to_resume(base, tm
     command = [sys.executable, "-m", "memattn.finetune_command", "finetune", *cli_args(run), "--no-progress"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     log = tmp_path / "stopped" / "log.jsonl"
-    deadline = time.time() + 600  # a hang guard only: a busy machine may be slow to reach step 1
+    deadline = time.time() + HANG_GUARD_S
     while time.time() < deadline and process.poll() is None and not (log.is_file() and log.read_text()):
         time.sleep(0.05)
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=600)
+    _, stderr = process.communicate(timeout=HANG_GUARD_S)
     assert process.returncode == 130, stderr[-2000:]
     kept = latest_checkpoint(tmp_path / "stopped")
     assert kept is not None, stderr[-2000:]  # no regular checkpoint was due: Ctrl-C wrote this one
@@ -228,7 +229,7 @@ def test_ctrl_c_finishes_the_step_checkpoints_it_and_says_how_to_resume(base, tm
     )
     assert "Traceback" not in stderr
     resumed = subprocess.run(
-        [*command, "--resume-from-checkpoint", "latest"], capture_output=True, text=True, timeout=600
+        [*command, "--resume-from-checkpoint", "latest"], capture_output=True, text=True, timeout=HANG_GUARD_S
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert [e["step"] for e in read_log(tmp_path / "stopped")] == list(range(1, 13))
@@ -397,7 +398,7 @@ def test_two_cpu_processes_gather_the_rule_and_resume_bit_exact(base, tmp_path):
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
         command += ["-m", "memattn.finetune_command", "finetune", *cli_args(cfg), "--no-progress"]
         command += ["--resume-from-checkpoint", "latest"] if resume else []
-        done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=HANG_GUARD_S, env=env)
         assert done.returncode == 0, done.stderr[-3000:]
 
     launch(tmp_path / "straight", 4)
@@ -437,7 +438,7 @@ def test_benchmark_quick_run(tmp_path):
         [sys.executable, str(root / "benchmarks" / "train_mitigation.py"), "--quick", "--out", str(out)],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=HANG_GUARD_S,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "results.json").read_text())
@@ -468,7 +469,7 @@ def test_benchmark_quick_run(tmp_path):
         ],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG_GUARD_S,
     )
     assert figure.returncode == 0, figure.stderr[-3000:]
     assert (tmp_path / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import HANG_GUARD_S
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,7 +22,7 @@ def test_gpu_check_cpu_smoke_run(tmp_path):
         ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--quick", "--device", "cpu", "--json", str(out)],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG_GUARD_S,
         env=os.environ | {"PYTHON": sys.executable},  # the interpreter running the tests
     )
     assert result.returncode == 0, result.stderr

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import typer
+from conftest import HANG_GUARD_S
 from typer.testing import CliRunner
 
 from memattn.errors import Interrupted, MemattnError
@@ -455,11 +456,11 @@ def test_resume_after_sigkill_at_random_points(tmp_path):
     killed_rows = len(pq.read_table(out)) if any(out.glob("part-*.parquet")) else 0
     assert 0 < killed_rows < 400, killed_rows
     final = run_cli(*common, "--out", str(out))
-    _, final_err = final.communicate(timeout=300)
+    _, final_err = final.communicate(timeout=HANG_GUARD_S)
     assert final.returncode == 0, final_err
     assert f"resumed after {killed_rows} rows" in final_err
     reference = run_cli(*common, "--out", str(tmp_path / "reference"))
-    _, reference_err = reference.communicate(timeout=300)
+    _, reference_err = reference.communicate(timeout=HANG_GUARD_S)
     assert reference.returncode == 0, reference_err
     resumed, expected = read_results(out), read_results(tmp_path / "reference")
     rows = resumed.column("row").to_pylist()
@@ -480,7 +481,7 @@ def test_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path):
         assert time.monotonic() < deadline, "the scan wrote nothing for 5 minutes"
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=300)
+    _, err = proc.communicate(timeout=HANG_GUARD_S)
     if proc.returncode == 0:
         pytest.skip("the scan finished before the signal arrived")
     kept = len(pq.read_table(out))
@@ -491,7 +492,7 @@ def test_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path):
 
 def test_cli_errors_are_one_line(tmp_path):
     proc = run_cli(str(tmp_path / "missing.txt"), "--model", "testbed", "--out", str(tmp_path / "o"))
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=HANG_GUARD_S)
     assert (
         proc.returncode == 2
         and err.strip() == f"error: prompt file {tmp_path / 'missing.txt'} does not exist"

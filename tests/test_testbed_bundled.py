@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import HANG_GUARD_S
 from safetensors.torch import load_file
 
 from memattn.errors import MemattnError
@@ -108,17 +109,19 @@ def test_bundled_pipeline_loads_and_generates(name):
 @pytest.mark.slow
 def test_cli_report_and_info_on_the_bundled_model(tmp_path):
     run = [sys.executable, "-m", "memattn", "testbed"]
-    info = subprocess.run([*run, "info"], capture_output=True, text=True, timeout=300)
+    info = subprocess.run([*run, "info"], capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert info.returncode == 0, info.stderr
     assert "memorized_matching" in info.stdout and "memattn testbed train" in info.stdout
-    detail = subprocess.run([*run, "info", "testbed-detail"], capture_output=True, text=True, timeout=300)
+    detail = subprocess.run(
+        [*run, "info", "testbed-detail"], capture_output=True, text=True, timeout=HANG_GUARD_S
+    )
     assert detail.returncode == 0 and "memorized_template" in detail.stdout
     out = tmp_path / "report"
     report = subprocess.run(
         [*run, "report", "--per-group", "6", "--seeds", "1", "--steps", "10", "--out", str(out)],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=HANG_GUARD_S,
     )
     assert report.returncode == 0, report.stderr[-2000:]
     assert "TPR@1%FPR" in report.stdout and "memorized_matching" in report.stdout
@@ -135,7 +138,9 @@ def test_cli_report_and_info_on_the_bundled_model(tmp_path):
         assert (out / name).is_file()
     html = (out / "report.html").read_text()
     assert html.index("headline.png") < html.index("Detection, best first") < html.index("<h2>Groups")
-    bad = subprocess.run([*run, "report", "--guidance", "0.5"], capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [*run, "report", "--guidance", "0.5"], capture_output=True, text=True, timeout=HANG_GUARD_S
+    )
     assert bad.returncode == 2 and "must be at least 1" in bad.stderr
 
 

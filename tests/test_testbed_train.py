@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import HANG_GUARD_S
 from safetensors.torch import load_file
 
 from memattn.errors import MemattnError
@@ -101,7 +102,7 @@ def test_sigkill_then_resume_is_bit_exact(reference, tmp_path):
         "train(replace(TINY, steps=40, checkpoint_every=2), Path({!r}), progress=False)"
     ).format(str(Path(__file__).parent), str(tmp_path / "killed"))
     process = subprocess.Popen([sys.executable, "-c", code])
-    deadline = time.time() + 240
+    deadline = time.time() + HANG_GUARD_S
     while time.time() < deadline and latest_checkpoint(tmp_path / "killed") is None:
         time.sleep(0.2)
     time.sleep(1.0)
@@ -136,14 +137,16 @@ def test_cli_loads_the_exported_testbed_in_a_fresh_process(reference):
     """A fresh interpreter has not imported memattn.testbed: loading must still find PixelSpaceVAE."""
     model = str(reference / "pipeline")
     run = [sys.executable, "-m", "memattn"]
-    info = subprocess.run([*run, "testbed", "info", model], capture_output=True, text=True, timeout=300)
+    info = subprocess.run(
+        [*run, "testbed", "info", model], capture_output=True, text=True, timeout=HANG_GUARD_S
+    )
     assert info.returncode == 0, info.stderr
     assert "memorized_matching" in info.stdout
     detect = subprocess.run(
         [*run, "detect", "a red circle", "--model", model, "--steps", "3", "--json"],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG_GUARD_S,
     )
     assert detect.returncode == 0, detect.stderr
     assert json.loads(detect.stdout.splitlines()[-1])["prompt"] == "a red circle"
@@ -163,7 +166,7 @@ def test_fast_recipe_memorizes_its_most_duplicated_items(tmp_path):
         [sys.executable, "-m", "memattn", "testbed", "train", "--out", str(tmp_path), "--fast"],
         capture_output=True,
         text=True,
-        timeout=1200,
+        timeout=HANG_GUARD_S,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     evaluation = evaluate(
