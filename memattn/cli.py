@@ -243,6 +243,7 @@ def generate(
     writable_directory(out, "--out")  # before the work: a run must not end with nowhere to put its images
     pipe = load_pipeline(model, device=device)
     announce(settings_line)
+    _warn_truncated(pipe, prompts)
     generators = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(len(prompts))]
     kwargs = {"num_inference_steps": steps, "guidance_scale": guidance, "generator": generators}
     value = c if method == "ren2024" and strength is None else strength
@@ -271,6 +272,18 @@ def generate(
         outcome = f"every image mitigated by {method} (strength {value})"
         outcome = "no mitigation" if method == "none" else outcome
     stdout.print(f"{len(verdicts)} images in {out}; {outcome}")
+
+
+def _warn_truncated(pipe: object, prompts: list[str]) -> None:
+    """The text encoder sees 77 tokens: say which prompts lose their end, as `detect` does."""
+    from memattn.tokens import tokenize_layouts
+
+    tokenizer = getattr(pipe, "tokenizer", None)
+    if tokenizer is None:
+        return
+    for prompt, layout in zip(prompts, tokenize_layouts(tokenizer, prompts), strict=True):
+        if layout.truncated:
+            err.print(f"[yellow]warning:[/] prompt truncated to 77 tokens: {prompt[:60]!r}")
 
 
 def _add_subcommands() -> None:

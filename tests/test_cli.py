@@ -215,8 +215,10 @@ def test_generate_says_what_was_mitigated(model_dir, tmp_path):
                  "--out", str(tmp_path / "g"))
     assert result.returncode == 0, result.stderr
     assert "1 images in" in result.stdout and "every image mitigated by rta" in result.stdout
-    plain = cli("generate", "a dog", "--model", str(model_dir), "--steps", "2", "--out", str(tmp_path / "p"))
+    plain = cli("generate", "a dog", "hello " * 90, "--model", str(model_dir), "--steps", "2",
+                "--out", str(tmp_path / "p"))
     assert plain.returncode == 0 and "no mitigation" in plain.stdout
+    assert plain.stderr.count("prompt truncated to 77 tokens") == 1 and "'hello hello" in plain.stderr
 
 
 def test_defaults_come_from_the_model_and_are_printed(model_dir):
