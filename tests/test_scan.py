@@ -507,3 +507,15 @@ def test_a_scan_that_wrote_nothing_does_not_block_the_next(tmp_path, pipe):
     assert (tmp_path / "out" / MANIFEST_FILE).is_file() and not list((tmp_path / "out").glob("part-*"))
     summary = scan(tmp_path / "p.txt", tmp_path / "out", SETTINGS, pipe=pipe, progress=False)
     assert summary.rows == 1 and summary.resumed_rows == 0
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl", "csv", "parquet"])
+def test_an_empty_input_is_refused_before_anything_is_written(tmp_path, kind):
+    path = tmp_path / f"empty.{kind}"
+    if kind == "parquet":
+        pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), path)
+    else:
+        path.write_text("prompt\n" if kind == "csv" else "")
+    with pytest.raises(MemattnError, match="holds no prompts .*nothing to scan"):
+        scan(path, tmp_path / "out", SETTINGS, progress=False)
+    assert not (tmp_path / "out").exists()

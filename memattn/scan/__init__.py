@@ -192,6 +192,10 @@ def scan(
     if rows_per_part < 1:
         raise MemattnError(f"rows per part must be at least 1, got {rows_per_part}")
     input_path = check_input(prompts)
+    total = count_rows(input_path)
+    empty = total == 0 or (total is None and next(iter(iter_prompts(input_path)), None) is None)
+    if empty:  # before --out is made: an empty scan would only look like a finished one
+        raise MemattnError(f"{input_path} holds no prompts (no lines or rows): nothing to scan")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise MemattnError(f"--out {out} is a file; the scan writes a directory of Parquet parts there")
@@ -204,7 +208,6 @@ def scan(
         "detector_sha256": detector[1] if detector else None,
     }
     identity = scan_identity(settings, input_path, extras)
-    total = count_rows(input_path)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with ScanLock(out), quiet_truncation_warnings():
