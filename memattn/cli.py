@@ -242,6 +242,7 @@ def generate(
         raise MemattnError(f"--calibration {calibration} does not exist; write one with `memattn calibrate`")
     writable_directory(out, "--out")  # before the work: a run must not end with nowhere to put its images
     pipe = load_pipeline(model, device=device)
+    pipe.set_progress_bar_config(desc="generate", unit="step")  # the CLI's own pipeline: named, per step
     announce(settings_line)
     _warn_truncated(pipe, prompts)
     generators = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(len(prompts))]

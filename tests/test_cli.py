@@ -219,6 +219,7 @@ def test_generate_says_what_was_mitigated(model_dir, tmp_path):
                 "--out", str(tmp_path / "p"))
     assert plain.returncode == 0 and "no mitigation" in plain.stdout
     assert plain.stderr.count("prompt truncated to 77 tokens") == 1 and "'hello hello" in plain.stderr
+    assert "generate: 100%" in plain.stderr and "2/2" in plain.stderr  # per-step progress
 
 
 def test_defaults_come_from_the_model_and_are_printed(model_dir):
