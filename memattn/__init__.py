@@ -1,6 +1,7 @@
 """memattn: find and stop training-data memorization in text-to-image diffusion models by reading
 and steering their cross-attention (after Ren et al., ECCV 2024)."""
 
+from memattn._version import __version__
 from memattn.detect import detect
 from memattn.errors import (
     LayoutError,
@@ -23,8 +24,6 @@ from memattn.scores import (
     trigger_tokens,
 )
 from memattn.tokens import TokenLayout
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AttentionRecord",

@@ -9,9 +9,11 @@ from typing import Annotated
 
 import typer
 
+from memattn._version import __version__
 from memattn.console import print_table, stdout, table
 from memattn.console import stderr as err
 from memattn.defaults import GUIDANCE_HELP, STEPS_HELP, announce, note_guidance, resolve_settings
+from memattn.edits import PAPER_C
 from memattn.errors import MemattnError, run_cli
 from memattn.layers import parse_layer
 from memattn.paths import writable_directory
@@ -27,8 +29,6 @@ app = typer.Typer(
 
 def _print_version(value: bool) -> None:
     if value:
-        from memattn import __version__
-
         typer.echo(f"memattn {__version__}")
         raise typer.Exit()
 
@@ -197,7 +197,7 @@ def generate(
     out: Annotated[Path, typer.Option(help="Directory for the PNGs and verdicts.json.")] = Path("generated"),
     guard: Annotated[bool, typer.Option(help="Score at step 1 and mitigate flagged images.")] = False,
     mode: Annotated[str, typer.Option(help="Guard mode: continue or restart.")] = "continue",
-    c: Annotated[float, typer.Option(help="BOS logit factor of the mitigation.")] = 1.25,
+    c: Annotated[float, typer.Option(help="BOS logit factor of the mitigation.")] = PAPER_C,
     method: Annotated[
         str,
         typer.Option(
@@ -451,7 +451,7 @@ def testbed_report(
     mitigated = None
     if mitigation:
         console.print(
-            "the paper's mitigation (padding masked, BOS x 1.25) on the 128x and never-seen prompts"
+            f"the paper's mitigation (padding masked, BOS x {PAPER_C:g}) on the 128x and never-seen prompts"
         )
         mitigated = evaluate(
             path,
@@ -460,7 +460,7 @@ def testbed_report(
             per_group=per_group,
             seeds=seeds,
             groups=("memorized_matching", "never_seen"),
-            mitigation={"c": 1.25},
+            mitigation={"c": PAPER_C},
         )
     seconds = time.time() - started
     report = write_report(evaluation, out, extra={"wall time (s)": round(seconds, 1)}, mitigated=mitigated)

@@ -27,12 +27,14 @@ import torch
 from memattn.errors import LayoutError, MemattnError
 from memattn.tokens import TokenLayout
 
+PAPER_C = 1.25  # Ren et al.'s BOS logit factor: the one place it is written
+
 
 @dataclass(frozen=True)
 class AttentionEdit:
     """What to change in the logits, and where (steps are 0-based UNet calls of one pipeline call)."""
 
-    c: float = 1.25
+    c: float = PAPER_C
     mask_padding: bool = True
     mask_eos: bool = False
     mask_uncond: bool = False

@@ -28,7 +28,7 @@ import torch
 
 from memattn.detect import stop_after_first_step
 from memattn.detectors import NoiseDifference
-from memattn.edits import AttentionEdit
+from memattn.edits import PAPER_C, AttentionEdit
 from memattn.errors import MemattnError
 from memattn.layers import parse_layer
 from memattn.mitigation import Mitigation
@@ -201,7 +201,7 @@ class Guard:
             raise MemattnError(f"guard score must be 'e' or 'wen', got {score!r}")
         self.pipe = pipe
         self.mode = mode
-        self.edit = AttentionEdit(**{"c": 1.25, **(mitigation or {})})
+        self.edit = AttentionEdit(**{"c": PAPER_C, **(mitigation or {})})
         if self.edit.steps is not None:
             raise MemattnError("the guard decides the steps itself; give mitigation settings without steps")
         if threshold is None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from memattn import baselines
+from memattn.edits import PAPER_C
 from memattn.embedding_opt import embedding_optimization
 from memattn.errors import MemattnError
 from memattn.guidance_schedule import guidance_schedule
@@ -31,7 +32,7 @@ from memattn.mitigation import mitigate
 
 DEFAULT_STRENGTH: dict[str, float | None] = {
     "none": None,
-    "ren2024": 1.25,
+    "ren2024": PAPER_C,
     "rta": 4,
     "rna": 4,
     "gni": 0.1,

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from memattn.edits import AttentionEdit, as_indices
+from memattn.edits import PAPER_C, AttentionEdit, as_indices
 from memattn.errors import MemattnError
 from memattn.probe import Recorder, Trace
 
@@ -66,7 +66,7 @@ class Mitigation:
 
 def mitigate(
     target: Any,
-    c: float = 1.25,
+    c: float = PAPER_C,
     *,
     mask_padding: bool = True,
     mask_eos: bool = False,

@@ -35,3 +35,18 @@ def test_loading_the_testbed_raises_no_false_alarm(caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert not any("memattn." in m and m.startswith("Expected types") for m in messages), messages
     assert "Expected types for unet: other" in messages
+
+
+def test_importing_the_figure_modules_leaves_the_callers_matplotlib_backend_alone():
+    """A notebook's backend must survive `import memattn.report` (it used to be forced to Agg)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import matplotlib; matplotlib.use('svg')\n"
+        "import memattn.report, memattn.testbed.report, memattn.bench.detect_command, memattn.bench.pareto\n"
+        "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend()\n"
+        "import matplotlib.pyplot as plt; assert plt.get_fignums() == []\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -53,13 +53,11 @@ def testbed_prompts(model: Path, per_group: int) -> tuple[list[str], list[int], 
 
 
 def roc_figure(per_prompt: dict[str, Any], labels: Any, path: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from sklearn.metrics import roc_curve
 
-    fig, ax = plt.subplots(figsize=(6, 5))
+    from memattn.plotting import subplots
+
+    fig, ax = subplots(figsize=(6, 5))
     for name, values in per_prompt.items():
         fpr, tpr, _ = roc_curve(labels, values)
         ax.plot(fpr, tpr, label=name, lw=1.5 if not name.startswith("e_layer") else 0.7)
@@ -72,7 +70,6 @@ def roc_figure(per_prompt: dict[str, Any], labels: Any, path: Path, title: str) 
     ax.legend(fontsize=6, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 

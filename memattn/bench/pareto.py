@@ -66,17 +66,16 @@ def pareto_figure(
     the Pareto front dashed. Rows missing either value are left out; None if none has both."""
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from memattn.plotting import subplots
 
     points = [row for row in rows if _finite(row, x_key, y_key)]
     if not points:
         return None
     families = list(dict.fromkeys(family(row) for row in points))
-    colors = plt.get_cmap("tab10")
+    colors = matplotlib.colormaps["tab10"]
     fallback = iter(FALLBACK_MARKERS * (1 + len(families) // len(FALLBACK_MARKERS)))
     markers = {name: MARKERS.get(name) or next(fallback) for name in families}
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, ax = subplots(figsize=(8, 5.5))
     for k, name in enumerate(families):
         members = [row for row in points if family(row) == name]
         ax.scatter(
@@ -104,5 +103,4 @@ def pareto_figure(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path

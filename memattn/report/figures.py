@@ -7,27 +7,24 @@ import io
 import math
 from typing import TYPE_CHECKING, Any
 
-import matplotlib
+import numpy as np
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from memattn.report.constants import CLEAN_COLOR, FLAGGED_COLOR, SCORE_LABELS, UNKNOWN_COLOR  # noqa: E402
-from memattn.report.results import Results  # noqa: E402
-from memattn.report.text import mpl_text  # noqa: E402
+from memattn.plotting import subplots
+from memattn.report.constants import CLEAN_COLOR, FLAGGED_COLOR, SCORE_LABELS, UNKNOWN_COLOR
+from memattn.report.results import Results
+from memattn.report.text import mpl_text
 
 if TYPE_CHECKING:
     from memattn.report.regenerate import Regenerated
+
 # ---- figures ------------------------------------------------------------------------------------------
 
 
 def figure_uri(fig: Any, dpi: int = 100) -> str:
-    """A figure as a ``data:image/png;base64,...`` URI (the figure is closed)."""
+    """A figure as a ``data:image/png;base64,...`` URI."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
-    plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
@@ -38,7 +35,7 @@ def score_histograms(results: Results) -> str | None:
         return None
     columns = min(2, len(names))
     rows = math.ceil(len(names) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 2.9 * rows), squeeze=False)
+    fig, axes = subplots(rows, columns, figsize=(5.2 * columns, 2.9 * rows), squeeze=False)
     groups = (
         ("flagged", results.flagged == 1, FLAGGED_COLOR),
         ("not flagged", results.flagged == 0, CLEAN_COLOR),
@@ -96,7 +93,7 @@ def detection(results: Results, fpr: float = 0.01) -> tuple[str | None, list[dic
                 f"{int((labels == 1).sum())} and {int((labels == 0).sum())}."
             ),
         )
-    fig, ax = plt.subplots(figsize=(5.2, 4.2))
+    fig, ax = subplots(figsize=(5.2, 4.2))
     metrics = []
     for name, values in results.scores.items():
         usable = labelled & np.isfinite(values)
@@ -136,7 +133,7 @@ def detection(results: Results, fpr: float = 0.01) -> tuple[str | None, list[dic
 def overlay_figure(image: np.ndarray, tokens: list[dict[str, Any]]) -> str:
     """The image, then per token its attention map (normalised to its own maximum) over the image."""
     panels = 1 + len(tokens)
-    fig, axes = plt.subplots(1, panels, figsize=(1.9 * panels, 2.15), squeeze=False)
+    fig, axes = subplots(1, panels, figsize=(1.9 * panels, 2.15), squeeze=False)
     height, width = image.shape[:2]
     extent = (0, width, height, 0)
     axes[0, 0].imshow(image, extent=extent, interpolation="nearest")
@@ -170,7 +167,7 @@ def entropy_figure(regenerated: list[Regenerated]) -> str | None:
     """Entropy over denoising steps (all tokens; summary tokens) per group (flagged vs clean), mean thick."""
     if not regenerated:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    fig, axes = subplots(1, 2, figsize=(10, 3.4))
     groups = list(dict.fromkeys(r.group for r in regenerated))
     for group, color in zip(groups, (FLAGGED_COLOR, CLEAN_COLOR), strict=False):
         members = [r for r in regenerated if r.group == group]

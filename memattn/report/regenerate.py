@@ -9,16 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # files only; never needs a display
-import numpy as np  # noqa: E402
-
-from memattn.errors import MemattnError  # noqa: E402
-from memattn.report.constants import MAP_STEPS, NO_MODEL  # noqa: E402
-from memattn.report.figures import overlay_figure  # noqa: E402
-from memattn.report.results import Results, value_counts  # noqa: E402
-from memattn.report.text import token_label, token_text  # noqa: E402
+from memattn.errors import MemattnError
+from memattn.report.constants import MAP_STEPS, NO_MODEL
+from memattn.report.figures import overlay_figure
+from memattn.report.results import Results, value_counts
+from memattn.report.text import token_label, token_text
 
 # ---- regeneration: attention maps and entropy curves ------------------------------------------------
 

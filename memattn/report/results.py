@@ -9,16 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-matplotlib.use("Agg")  # files only; never needs a display
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.compute as pc  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-
-from memattn.errors import MemattnError  # noqa: E402
-from memattn.report.constants import MANIFEST_FILE, SCORE_LABELS, THRESHOLD_SCORES  # noqa: E402
+from memattn.errors import MemattnError
+from memattn.report.constants import MANIFEST_FILE, SCORE_LABELS, THRESHOLD_SCORES
 
 # ---- reading the results ----------------------------------------------------------------------------
 

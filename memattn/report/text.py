@@ -8,11 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; never needs a display
-
-from memattn.report.constants import MAX_PROMPT_CHARS  # noqa: E402
+from memattn.report.constants import MAX_PROMPT_CHARS
 
 # ---- prompt text: plain segments, never HTML ---------------------------------------------------------
 

@@ -37,6 +37,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from memattn._version import __version__
 from memattn.errors import Interrupted, MemattnError
 from memattn.paths import writable_directory
 from memattn.scan.inputs import Batch, Covered, InputRow, batches, check_input, count_rows, iter_prompts
@@ -181,8 +182,6 @@ def scan(
     engine's, so the engine is not part of the manifest: a scan may be resumed with either.
     """
     from tqdm.auto import tqdm
-
-    from memattn import __version__
 
     settings.check()
     if engine not in ENGINES:

@@ -14,6 +14,7 @@ from typing import IO, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from memattn._version import __version__
 from memattn.errors import MemattnError
 from memattn.scan.inputs import Batch, Covered, file_sha256
 from memattn.scan.schema import (
@@ -137,8 +138,6 @@ def model_fingerprint(model: str) -> dict[str, Any]:
 
 
 def scan_identity(settings: ScanSettings, input_path: Path, extras: dict[str, Any]) -> dict[str, Any]:
-    from memattn import __version__
-
     return {
         "schema_version": SCHEMA_VERSION,
         "memattn_version": __version__,

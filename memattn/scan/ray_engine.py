@@ -34,6 +34,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from memattn._version import __version__
 from memattn.errors import MemattnError
 from memattn.quiet import quiet_loading
 from memattn.scan.inputs import Batch, Covered, InputRow, batches, iter_prompts
@@ -135,7 +136,6 @@ class ScanActor:
     ) -> None:
         import torch
 
-        from memattn import __version__
         from memattn.loading import load_pipeline, parse_dtype
         from memattn.scan.scoring import BatchScorer
 

@@ -14,15 +14,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+from jinja2 import Environment, PackageLoader, select_autoescape
+from sklearn.metrics import roc_curve
 
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from jinja2 import Environment, PackageLoader, select_autoescape  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
-
-from memattn.testbed.evaluate import (  # noqa: E402
+from memattn.plotting import subplots
+from memattn.testbed.evaluate import (
     MEMORIZED,
     NON_MEMORIZED,
     STEP1_SCORES,
@@ -60,7 +57,7 @@ def copies_figure(evaluation: Evaluation, path: Path, threshold: float, per_grou
         picked = index[:half] + [i for i in index[-(per_group - half) :] if i not in index[:half]]
         shown.append(picked)
     per_group = max(1, max(len(picked) for picked in shown))  # no empty columns in a small run
-    fig, axes = plt.subplots(
+    fig, axes = subplots(
         2 * len(groups), per_group, figsize=(1.4 * per_group, 2.9 * len(groups)), squeeze=False
     )
     examples = []
@@ -104,12 +101,11 @@ def copies_figure(evaluation: Evaluation, path: Path, threshold: float, per_grou
     )
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # room for the suptitle
     fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
     return examples
 
 
 def similarity_figure(evaluation: Evaluation, path: Path, threshold: float) -> None:
-    fig, ax = plt.subplots(figsize=(7, 3.4))
+    fig, ax = subplots(figsize=(7, 3.4))
     bins = np.linspace(-0.1, 1.0, 45)
     for group in _groups(evaluation):
         values = evaluation.column("copy_similarity", (group,))
@@ -120,11 +116,10 @@ def similarity_figure(evaluation: Evaluation, path: Path, threshold: float) -> N
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def entropy_figure(evaluation: Evaluation, path: Path) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    fig, axes = subplots(1, 2, figsize=(10, 3.4))
     for group in _groups(evaluation):
         mask = np.array([row["group"] == group for row in evaluation.rows])
         for ax, curves in zip(axes, (evaluation.entropy, evaluation.summary_entropy), strict=True):
@@ -137,7 +132,6 @@ def entropy_figure(evaluation: Evaluation, path: Path) -> None:
     axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def shares_figure(evaluation: Evaluation, path: Path) -> None:
@@ -146,7 +140,7 @@ def shares_figure(evaluation: Evaluation, path: Path) -> None:
         key: [evaluation.column(key, (g,)).mean() for g in groups]
         for key in ("bos_share", "prompt_share", "summary_share")
     }
-    fig, ax = plt.subplots(figsize=(8, 3.4))
+    fig, ax = subplots(figsize=(8, 3.4))
     bottom = np.zeros(len(groups))
     for key, color in zip(shares, ("#34495e", "#f1c40f", "#95a5a6"), strict=True):
         ax.bar(groups, shares[key], bottom=bottom, label=key.removesuffix("_share"), color=color)
@@ -157,12 +151,11 @@ def shares_figure(evaluation: Evaluation, path: Path) -> None:
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def roc_figure(evaluation: Evaluation, path: Path) -> None:
     negatives = [row for row in evaluation.rows if row["group"] in NON_MEMORIZED]
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.6))
+    fig, axes = subplots(1, 2, figsize=(8, 3.6))
     for ax, positive in zip(axes, ("memorized_matching", "memorized_template"), strict=True):
         rows = [row for row in evaluation.rows if row["group"] == positive]
         if rows and negatives:
@@ -178,12 +171,11 @@ def roc_figure(evaluation: Evaluation, path: Path) -> None:
             ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def layer_figure(summary: dict, path: Path) -> None:
     layers = summary["cross_attention_layers"]
-    fig, ax = plt.subplots(figsize=(8, 3.4))
+    fig, ax = subplots(figsize=(8, 3.4))
     width = 0.4
     for k, positive in enumerate(("memorized_matching", "memorized_template")):
         aucs = summary["detection_vs_non_memorized"].get(f"{positive}/layer_e_auc")
@@ -202,7 +194,6 @@ def layer_figure(summary: dict, path: Path) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def detection_ranking(summary: dict) -> list[dict[str, Any]]:
@@ -245,7 +236,7 @@ def headline_figure(evaluation: Evaluation, path: Path, mitigated: Evaluation | 
     """ROC of the best step-1 score vs D and E; copies / clean fidelity without and with mitigation."""
     positives = [row for row in evaluation.rows if row["group"] in MEMORIZED]
     negatives = [row for row in evaluation.rows if row["group"] in NON_MEMORIZED]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = subplots(1, 2, figsize=(10, 3.8))
     best = None
     if positives and negatives:
         labels = [1] * len(positives) + [0] * len(negatives)
@@ -291,7 +282,6 @@ def headline_figure(evaluation: Evaluation, path: Path, mitigated: Evaluation | 
     axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return {"best_step1_score": best, **{f"{k}_{n}": v[n] for k, v in bars.items() for n in v}}
 
 

@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from memattn._version import __version__
 from memattn.errors import MemattnError
 from memattn.testbed.alignment import CLASSIFIER_FILE, save_classifier, train_classifier
 from memattn.testbed.data import TestbedConfig, TestbedDataset, build_dataset
@@ -422,8 +423,6 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def manifest(trainer: Trainer, seconds: float, command: str) -> dict:
-    from memattn import __version__
-
     dataset = trainer.dataset
     return {
         "memattn_version": __version__,
