@@ -261,6 +261,7 @@ def generate(
             {"prompt": p, "generated_prompt": g, "method": method, "strength": value, "guarded": False}
             for p, g in zip(prompts, generated_prompts, strict=True)
         ]
+    out.mkdir(parents=True, exist_ok=True)
     for i, (image, verdict) in enumerate(zip(images, verdicts, strict=True)):
         name = f"{i:04d}.png"
         image.save(out / name)

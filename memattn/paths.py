@@ -9,12 +9,21 @@ from memattn.errors import MemattnError
 
 
 def writable_directory(path: Path, option: str) -> Path:
-    """Create ``path`` if needed and prove a file can be written there, or raise one line naming it."""
+    """Prove ``path`` can be made and written, or raise one line naming it; creates nothing.
+
+    The check writes and removes a temporary file in ``path`` or, when ``path`` does not exist yet, in
+    its nearest existing ancestor, so a command refused later (bad settings, no model) leaves no empty
+    output directory behind. The caller creates ``path`` when it writes there.
+    """
     try:
         if path.exists() and not path.is_dir():
             raise MemattnError(f"{option} {path} is a file; pass a directory")
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".memattn-write-test-"):
+        existing = path
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            raise MemattnError(f"{option} {path}: {existing} is a file; pass a directory")
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".memattn-write-test-"):
             pass
     except OSError as error:
         raise MemattnError(

@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from conftest import HANG_GUARD_S
 
 RUN = [sys.executable, "-m", "memattn"]
 
 
-def run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([*RUN, *args], capture_output=True, text=True, timeout=timeout)
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*RUN, *args], capture_output=True, text=True, timeout=HANG_GUARD_S, cwd=cwd)
 
 
 @pytest.mark.slow
@@ -91,8 +93,9 @@ def test_calibrate_refuses_too_few_prompts_and_never_writes_into_the_package(tmp
 def test_cli_errors_are_one_line(tmp_path):
     missing = run("calibrate", "--model", "testbed", "--clean", str(tmp_path / "nope.txt"))
     assert missing.returncode == 2 and "does not exist" in missing.stderr
-    no_threshold = run("generate", "a red circle", "--model", "testbed", "--guard", "--steps", "2")
+    no_threshold = run("generate", "a red circle", "-m", "testbed", "--guard", "--steps", "2", cwd=tmp_path)
     assert no_threshold.returncode == 2 and "memattn calibrate" in no_threshold.stderr
+    assert not (tmp_path / "generated").exists()  # a refused run leaves no empty --out behind
     unknown = run("testbed", "prompts", "nope")
     assert unknown.returncode == 2 and "unknown group 'nope'" in unknown.stderr
     none = run("testbed", "prompts", "memorized_matching", "--duplication", "7")

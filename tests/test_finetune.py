@@ -20,7 +20,7 @@ import typer
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from memattn.errors import MemattnError
+from memattn.errors import Interrupted, MemattnError
 from memattn.finetune import (
     CHECKPOINTS,
     FinetuneConfig,
@@ -293,7 +293,7 @@ def test_a_crash_while_checkpointing_never_leaves_a_latest(base, tmp_path, monke
         return real_save(*args, **kwargs)
 
     monkeypatch.setattr(module, "save_file", crash_on_second_file)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted, match=f"checkpoint {good} kept .step 2 of 4"):  # Ctrl-C: what is kept
         finetune(config(base, run, max_train_steps=4, resume_from_checkpoint="latest"))
     assert (run / CHECKPOINTS / ".partial-0000004").is_dir()  # what the crash left
     (run / CHECKPOINTS / "step-0000009").mkdir()  # a complete-looking name without state.json
