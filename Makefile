@@ -27,9 +27,14 @@ chromium:
 	@test -x /usr/lib/chromium/chromium || command -v chromium >/dev/null || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
+# The suite runs on TEST_WORKERS processes (pytest-xdist; a test module stays on one worker, so its
+# fixtures are built once), one torch thread each: two workers use two cores fully, and a test and the
+# subprocesses it starts compute with the same thread count (bit-exact comparisons stay exact).
+TEST_WORKERS ?= 2
+
 test: setup chromium
 	$(BIN)/ruff check memattn tests benchmarks
-	$(BIN)/python -m pytest -q -ra
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -ra -n $(TEST_WORKERS) --dist loadscope
 
 bench: setup
 	$(BIN)/python benchmarks/probe_overhead.py
