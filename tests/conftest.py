@@ -13,6 +13,14 @@ PROMPTS_DIR = Path(__file__).resolve().parents[1] / "data" / "prompts"
 # Subprocess and polling limits exist to catch hangs, not to time healthy runs: a busy 2-core laptop
 # ran the slowest subprocess (the --fast testbed training, about 3 min when quiet) past 20 minutes.
 HANG_GUARD_S = 2400
+# The longest modules start first, so that under pytest-xdist (`make test`: modules stay whole on one
+# worker) they run beside the many short ones instead of alone at the end.
+LONGEST_FIRST = ("test_testbed_train.py", "test_finetune.py", "test_detectors.py", "test_benchmarks.py")
+
+
+def pytest_collection_modifyitems(config, items) -> None:  # noqa: ANN001 (pytest's hook signature)
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order otherwise
 
 
 def generators(seeds: list[int]) -> list[torch.Generator]:
