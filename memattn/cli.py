@@ -85,7 +85,7 @@ def detect(
     )
     for result in results:
         if result.truncated:
-            err.print(f"[yellow]warning:[/] prompt truncated to 77 tokens: {result.prompt[:60]!r}")
+            _warn_truncated_prompt(result.prompt)
     if as_json:
         for result in results:
             sys.stdout.write(json.dumps({"model": model, **result.to_dict()}) + "\n")
@@ -285,7 +285,11 @@ def _warn_truncated(pipe: object, prompts: list[str]) -> None:
         return
     for prompt, layout in zip(prompts, tokenize_layouts(tokenizer, prompts), strict=True):
         if layout.truncated:
-            err.print(f"[yellow]warning:[/] prompt truncated to 77 tokens: {prompt[:60]!r}")
+            _warn_truncated_prompt(prompt)
+
+
+def _warn_truncated_prompt(prompt: str) -> None:
+    err.print(f"[yellow]warning:[/] prompt truncated to 77 tokens: {prompt[:60]!r}")
 
 
 def _add_subcommands() -> None:
