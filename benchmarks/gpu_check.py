@@ -41,7 +41,7 @@ import torch
 from probe_overhead import machine as probe_machine  # noqa: E402  (benchmarks/ is the script's path)
 
 import memattn
-from memattn.probe import cross_attention_layers
+from memattn.attention.layers import cross_attention_layers
 from memattn.tiny import sd1_unet
 
 # SD1.4's UNet (CompVis/stable-diffusion-v1-4, unet/config.json); all other settings are diffusers'

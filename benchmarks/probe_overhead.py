@@ -26,7 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
-import memattn.probe
+import memattn.attention.layers
+import memattn.attention.recorder
+import memattn.attention.trace
 from memattn.tiny import tiny_pipeline
 
 PROMPTS = (
@@ -83,17 +85,17 @@ def time_observe(spent: list[float]) -> Callable[[], None]:
     probe varies far less, so it is a steadier estimate of the probe's main cost (it leaves out the fixed
     cost of installing the probes and reading the record, a few ms per ``with`` block).
     """
-    original = memattn.probe.Recorder.observe
+    original = memattn.attention.recorder.Recorder.observe
 
-    def observe(self: memattn.probe.Recorder, *args: Any) -> None:
+    def observe(self: memattn.attention.recorder.Recorder, *args: Any) -> None:
         start = time.perf_counter()
         try:
             original(self, *args)
         finally:
             spent[-1] += time.perf_counter() - start
 
-    memattn.probe.Recorder.observe = observe  # type: ignore[method-assign]
-    return lambda: setattr(memattn.probe.Recorder, "observe", original)
+    memattn.attention.recorder.Recorder.observe = observe  # type: ignore[method-assign]
+    return lambda: setattr(memattn.attention.recorder.Recorder, "observe", original)
 
 
 def timed(fn: Callable[[], np.ndarray]) -> tuple[float, np.ndarray]:
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     pipe = tiny_pipeline("sd1", sample_size=args.sample_size, channels=args.channels)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
-    n_layers = len(memattn.probe.cross_attention_layers(pipe.unet))
+    n_layers = len(memattn.attention.layers.cross_attention_layers(pipe.unet))
     print(
         f"config: sample_size={args.sample_size} channels={','.join(map(str, args.channels))} "
         f"steps={args.steps} batch={args.batch} guidance={args.guidance} repeats={args.repeats} "
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def probed() -> np.ndarray:
         observe_s.append(0.0)
-        with memattn.probe.trace(pipe) as tr:
+        with memattn.attention.trace.trace(pipe) as tr:
             images = generate()
             attention = tr.record.attention  # reading the record (stack + copy to CPU) is part of the cost
         record["shape"] = tuple(attention.shape)

@@ -2,6 +2,9 @@
 and steering their cross-attention (after Ren et al., ECCV 2024)."""
 
 from memattn._version import __version__
+from memattn.attention.record import AttentionRecord
+from memattn.attention.tokens import TokenLayout
+from memattn.attention.trace import Trace, trace
 from memattn.detect import detect
 from memattn.errors import (
     LayoutError,
@@ -12,8 +15,6 @@ from memattn.errors import (
 )
 from memattn.guard import Calibration, Guard
 from memattn.mitigation import Mitigation, mitigate
-from memattn.probe import Trace, trace
-from memattn.record import AttentionRecord
 from memattn.scores import (
     entropy_curve,
     layer_entropy_curves,
@@ -23,7 +24,6 @@ from memattn.scores import (
     token_mass,
     trigger_tokens,
 )
-from memattn.tokens import TokenLayout
 
 __all__ = [
     "AttentionRecord",

@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
+from memattn.attention.patch import wrapping_encode_prompt
 from memattn.errors import MemattnError
-from memattn.hooks import wrapping_encode_prompt
 
 METHODS = ("rta", "rna", "gni")
 
@@ -104,7 +104,7 @@ def embedding_noise(pipe: Any, lam: float = 0.1, seed: int = 0) -> contextlib.Ab
 
 
 def _eos_positions(pipe: Any, prompts: list[str]) -> tuple[torch.Tensor, list[int]]:
-    from memattn.tokens import tokenize_layouts
+    from memattn.attention.tokens import tokenize_layouts
 
     tokenizer = pipe.tokenizer
     ids = tokenizer(

@@ -10,12 +10,12 @@ from typing import Annotated
 import typer
 
 from memattn._version import __version__
+from memattn.attention.edit import PAPER_C
+from memattn.attention.layers import parse_layer
 from memattn.console import print_table, stdout, table
 from memattn.console import stderr as err
 from memattn.defaults import GUIDANCE_HELP, STEPS_HELP, announce, note_guidance, resolve_settings
-from memattn.edits import PAPER_C
 from memattn.errors import MemattnError, run_cli
-from memattn.layers import parse_layer
 from memattn.paths import writable_directory
 from memattn.quiet import quiet_loading
 
@@ -278,7 +278,7 @@ def generate(
 
 def _warn_truncated(pipe: object, prompts: list[str]) -> None:
     """The text encoder sees 77 tokens: say which prompts lose their end, as `detect` does."""
-    from memattn.tokens import tokenize_layouts
+    from memattn.attention.tokens import tokenize_layouts
 
     tokenizer = getattr(pipe, "tokenizer", None)
     if tokenizer is None:

@@ -10,8 +10,8 @@ import torch
 from tqdm.auto import tqdm
 
 from memattn import scores
+from memattn.attention.trace import trace
 from memattn.errors import MemattnError
-from memattn.probe import trace
 from memattn.quiet import pipeline_bar_off
 
 SCORES = ("d", "e")

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from memattn import scores
+from memattn.attention.record import AttentionRecord
 from memattn.errors import MemattnError, RecordError
-from memattn.record import AttentionRecord
 
 BE_LAYERS = (0, 1)  # the first two down-block cross-attention layers (64×64 in SD1 at 512 px)
 

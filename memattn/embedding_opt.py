@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
+from memattn.attention.patch import wrapping_encode_prompt
+from memattn.attention.processor import CrossAttentionProbe
 from memattn.errors import MemattnError
-from memattn.hooks import wrapping_encode_prompt
-from memattn.probe import CrossAttentionProbe
 
 
 @dataclass

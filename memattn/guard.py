@@ -26,13 +26,15 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from memattn.attention.edit import PAPER_C, AttentionEdit, EditListener
+from memattn.attention.layers import parse_layer
+from memattn.attention.patch import patched
+from memattn.attention.recorder import Recorder
+from memattn.attention.session import AttentionSession
 from memattn.detect import stop_after_first_step
 from memattn.detectors import NoiseDifference
-from memattn.edits import PAPER_C, AttentionEdit
 from memattn.errors import MemattnError
-from memattn.layers import parse_layer
 from memattn.mitigation import Mitigation
-from memattn.probe import Trace
 from memattn.scores import score_e, trigger_tokens
 
 CALIBRATION_FILE = "memattn_guard.json"
@@ -94,8 +96,10 @@ def check_calibrated_settings(stored: dict[str, Any], actual: dict[str, Any], so
         want, have = stored.get(name), actual.get(name)
         if want is None or have is None:
             continue
-        same = float(want) == float(have) if name == "guidance_scale" else list(np.atleast_1d(want)) == list(
-            np.atleast_1d(have)
+        same = (
+            float(want) == float(have)
+            if name == "guidance_scale"
+            else list(np.atleast_1d(want)) == list(np.atleast_1d(have))
         )
         if not same:
             raise MemattnError(
@@ -246,35 +250,41 @@ class Guard:
         row_prompts = [p for p in prompts for _ in range(per_prompt)]
         user_callback = kwargs.pop("callback_on_step_end", None)
         state: dict[str, Any] = {}
-        captured = self._capture_initial_latents(state)
         noise = NoiseDifference(self.pipe, max_calls=1) if self.score == "wen" else nullcontext()
         state["noise"] = noise
+        session = AttentionSession.acquire(self.pipe)
+        # The guard adds a recorder for the first step and, in continue mode, an edit for the flagged rows
+        # after it; it removes exactly those, so an enclosing trace or mitigation keeps what it had.
+        # Inside ``memattn.mitigate`` every row is already edited: the guard then only reports.
+        recorder = Recorder(session.layer_names, session.heads, role="guard")
+        own_edit: EditListener | None = None
+        state["outer"] = any(
+            isinstance(listener, EditListener) and listener.edits_every_row for listener in session.editors
+        )
+
+        def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
+            nonlocal own_edit
+            if step == 0:
+                self._decide(recorder, state)
+                session.remove(recorder)  # the rest of the run needs no recording
+                if self.mode == "continue" and state["flagged"].any() and not state["outer"]:
+                    own_edit = EditListener(
+                        self.edit,
+                        rows=torch.as_tensor(state["flagged"], device=pipe.unet.device),
+                        role="guard",
+                    )
+                    session.add(own_edit)
+            return user_callback(pipe, step, timestep, tensors) if user_callback else tensors
+
         try:
-            with Trace(self.pipe) as tr, noise:
-                recorder = tr.recorder
-                # Inside ``memattn.mitigate`` the recorder already carries that edit for every row: the
-                # guard then only reports (its own edit would replace the outer one) and, on exit,
-                # leaves exactly the edit it found.
-                found = (recorder.editor, recorder.edit_rows)
-                state["outer"] = found[0] is not None and not found[0].is_noop
-
-                def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
-                    if step == 0:
-                        self._decide(tr, state)
-                        recorder.store = False  # the rest of the run needs no recording
-                        if self.mode == "continue" and state["flagged"].any() and not state["outer"]:
-                            recorder.editor = self.edit
-                            recorder.edit_rows = torch.as_tensor(
-                                state["flagged"], device=pipe.unet.device
-                            )
-                    return user_callback(pipe, step, timestep, tensors) if user_callback else tensors
-
-                try:
-                    output = self.pipe(prompt, callback_on_step_end=on_step_end, **kwargs)
-                finally:
-                    recorder.editor, recorder.edit_rows = found
+            session.add(recorder)
+            with patched(self.pipe, "prepare_latents", _keeping_initial_noise(self.pipe, state)), noise:
+                output = self.pipe(prompt, callback_on_step_end=on_step_end, **kwargs)
         finally:
-            captured()
+            session.remove(recorder)
+            if own_edit is not None:
+                session.remove(own_edit)
+            session.release()
         if "flagged" not in state:
             raise MemattnError("the pipeline made no denoising step: nothing to score")
         images = output.images
@@ -296,8 +306,8 @@ class Guard:
         return GuardOutput(images=images, verdicts=verdicts)
 
     # ---- pieces -------------------------------------------------------------------------------
-    def _decide(self, tr: Trace, state: dict) -> None:
-        record = tr.record
+    def _decide(self, recorder: Recorder, state: dict) -> None:
+        record = recorder.records()[-1]
         if self.score == "e":
             scores = score_e(record, self.layer).numpy()
         else:
@@ -307,26 +317,6 @@ class Guard:
         state["scores"] = scores
         state["flagged"] = scores > self.threshold
         state["triggers"] = trigger_tokens(record, k=3)
-
-    def _capture_initial_latents(self, state: dict) -> Callable[[], None]:
-        """Wrap ``prepare_latents`` to keep the initial noise (restart mode regenerates from it)."""
-        original = self.pipe.prepare_latents
-        had_own = "prepare_latents" in vars(self.pipe)
-
-        def prepare_latents(*args: Any, **kwargs: Any) -> Any:
-            latents = original(*args, **kwargs)
-            state["latents"] = latents / self.pipe.scheduler.init_noise_sigma
-            return latents
-
-        self.pipe.prepare_latents = prepare_latents
-
-        def restore() -> None:
-            if had_own:
-                self.pipe.prepare_latents = original
-            else:
-                del self.pipe.prepare_latents
-
-        return restore
 
     def _restart(
         self, images: Any, row_prompts: list[str], flagged: np.ndarray, latents: Any, kwargs: dict
@@ -356,3 +346,17 @@ class Guard:
             for j, i in enumerate(rows):
                 images[i] = redo[j]
         return images
+
+
+def _keeping_initial_noise(pipe: Any, state: dict) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A ``prepare_latents`` wrapper that keeps the initial noise (restart mode regenerates from it)."""
+
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        def prepare_latents(*args: Any, **kwargs: Any) -> Any:
+            latents = original(*args, **kwargs)
+            state["latents"] = latents / pipe.scheduler.init_noise_sigma
+            return latents
+
+        return prepare_latents
+
+    return wrap

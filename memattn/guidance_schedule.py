@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
+from memattn.attention.patch import wrapping_encode_prompt
 from memattn.errors import MemattnError
-from memattn.hooks import wrapping_encode_prompt
 
 
 @contextlib.contextmanager

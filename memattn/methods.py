@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from memattn import baselines
-from memattn.edits import PAPER_C
+from memattn.attention.edit import PAPER_C
 from memattn.embedding_opt import embedding_optimization
 from memattn.errors import MemattnError
 from memattn.guidance_schedule import guidance_schedule

@@ -1,9 +1,9 @@
 """``memattn.mitigate``: the paper's inference-time mitigation for a ``with`` block (no extra passes).
 
-It installs memattn's cross-attention probes with recording switched off and a logit edit
-(:class:`memattn.edits.AttentionEdit`) switched on, and restores the original processors on exit. Inside
-or around a ``memattn.trace`` block it shares the trace's probes, so the trace records exactly the
-attention the mitigated run used.
+It adds an :class:`~memattn.attention.edit.EditListener` to the denoiser's attention session for the
+block and removes exactly that on exit (the session restores the original processors when its last
+user leaves). Inside or around a ``memattn.trace`` block both share the session, so the trace records
+exactly the attention the mitigated run used.
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from memattn.edits import PAPER_C, AttentionEdit, as_indices
+from memattn.attention.edit import PAPER_C, AttentionEdit, EditListener, as_indices
+from memattn.attention.layers import cross_attention_layers, find_denoiser, resolve_layer
+from memattn.attention.session import AttentionSession, BatchDescription
 from memattn.errors import MemattnError
-from memattn.probe import Recorder, Trace
 
 
 class Mitigation:
@@ -29,39 +30,32 @@ class Mitigation:
         lengths: Sequence[int] | None = None,
         cfg: bool = False,
     ) -> None:
-        self._trace = Trace(target, lengths=lengths, cfg=cfg)
-        if layers is not None:  # names or indices, resolved as the trace resolves map_layers
-            edit = replace(edit, layers=tuple(self._trace._resolve_layer(layer) for layer in layers))
+        self.target = target
+        _, model = find_denoiser(target)
+        names = [name for name, _ in cross_attention_layers(model)]
+        if layers is not None:  # names or indices: the one layer rule
+            edit = replace(edit, layers=tuple(resolve_layer(names, layer) for layer in layers))
         self.edit = edit
-        self._trace.recorder.store = False
-        self._attached: Recorder | None = None
+        self._listener = EditListener(edit)
+        self._batch = BatchDescription.of(lengths=lengths, cfg=cfg)
+        self._session: AttentionSession | None = None
 
     def __enter__(self) -> Mitigation:
-        existing = self._trace._installed_recorder()
-        if existing is not None:
-            if existing.editor is not None:
-                raise MemattnError(
-                    "this model is already mitigated by an enclosing memattn.mitigate; nested mitigations "
-                    "are not supported: exit the outer block or combine the settings in one"
-                )
-            existing.editor = self.edit
-            self._attached = existing
-            return self
-        self._trace.recorder.editor = self.edit
-        try:
-            self._trace.__enter__()
-        except BaseException:
-            self._trace.recorder.editor = None
-            raise
+        existing = AttentionSession.active(self.target)
+        if existing is not None and existing.has("mitigate"):
+            raise MemattnError(
+                "this model is already mitigated by an enclosing memattn.mitigate; nested mitigations "
+                "are not supported: exit the outer block or combine the settings in one"
+            )
+        self._session = AttentionSession.acquire(self.target, self._batch)
+        self._session.add(self._listener)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._attached is not None:
-            self._attached.editor = None
-            self._attached = None
-            return
-        self._trace.recorder.editor = None
-        self._trace.__exit__(*exc)
+        session, self._session = self._session, None
+        if session is not None:
+            session.remove(self._listener)
+            session.release(self._batch)
 
 
 def mitigate(

@@ -11,8 +11,8 @@ from typing import Annotated
 
 import typer
 
+from memattn.attention.layers import parse_layer
 from memattn.defaults import note_guidance, resolve_settings
-from memattn.layers import parse_layer
 from memattn.quiet import quiet_loading
 
 

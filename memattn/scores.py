@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from memattn.attention.record import AttentionRecord
 from memattn.errors import MemattnError, RecordError
-from memattn.record import AttentionRecord
 
 LayerSpec = Sequence[int | str] | None
 

@@ -41,8 +41,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from memattn.attention.record import AttentionRecord
 from memattn.errors import MemattnError
-from memattn.record import AttentionRecord
 from memattn.scores import entropy, layer_entropy_curves, mean_attention
 
 Rule = Literal["fixed", "zscore"]

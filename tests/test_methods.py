@@ -9,12 +9,12 @@ import torch
 from conftest import generators
 
 import memattn
+from memattn.attention.tokens import tokenize_layouts
 from memattn.baselines import padding_masking, padding_replacement
 from memattn.embedding_opt import embedding_optimization
 from memattn.errors import MemattnError
 from memattn.guidance_schedule import guidance_schedule
 from memattn.methods import DEFAULT_STRENGTH, prepare
-from memattn.tokens import tokenize_layouts
 
 PROMPTS = ["an old red barn in a snowy field at dusk", "a cat"]
 

@@ -10,9 +10,9 @@ import torch
 from conftest import generators
 
 import memattn
-from memattn.edits import AttentionEdit
+from memattn.attention.edit import AttentionEdit
+from memattn.attention.tokens import TokenLayout
 from memattn.errors import LayoutError, MemattnError
-from memattn.tokens import TokenLayout
 
 PROMPTS = ["a dog", "an old red barn in a snowy field at dusk", "portrait of a woman"]
 
@@ -165,7 +165,7 @@ def test_step_and_layer_windows(sd1_pipe):
 
 def test_a_layer_means_the_same_in_mitigate_trace_and_scores(sd1_pipe):
     """Index, negative index, full name, ``.processor`` name and block name: one resolver for all."""
-    from memattn.layers import parse_layer
+    from memattn.attention.layers import parse_layer
     from memattn.mitigation import Mitigation
 
     with memattn.trace(sd1_pipe) as tr:
@@ -193,7 +193,8 @@ def test_prompt_embeds_need_lengths(sd1_pipe):
     with pytest.raises(LayoutError, match="lengths="):
         with memattn.mitigate(sd1_pipe):
             generate(sd1_pipe, None, [0, 1], prompt_embeds=embeds, negative_prompt_embeds=negative)
-    lengths = [layout.n_tokens for layout in memattn.tokens.tokenize_layouts(sd1_pipe.tokenizer, PROMPTS[:2])]
+    layouts = memattn.attention.tokens.tokenize_layouts(sd1_pipe.tokenizer, PROMPTS[:2])
+    lengths = [layout.n_tokens for layout in layouts]
     with memattn.mitigate(sd1_pipe, lengths=lengths):
         from_embeds = generate(sd1_pipe, None, [0, 1], prompt_embeds=embeds, negative_prompt_embeds=negative)
         from_prompts = generate(sd1_pipe, PROMPTS[:2], [0, 1])

@@ -8,8 +8,9 @@ from conftest import generators
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 import memattn
+from memattn.attention.layers import cross_attention_layers
+from memattn.attention.processor import CrossAttentionProbe
 from memattn.errors import LayoutError, RecordError, UnsupportedModelError
-from memattn.probe import CrossAttentionProbe, cross_attention_layers
 from memattn.tiny import sd1_unet
 
 PROMPTS = [

@@ -8,10 +8,10 @@ import torch
 from conftest import generators
 
 import memattn
+from memattn.attention.record import AttentionRecord
+from memattn.attention.tokens import TokenLayout
 from memattn.errors import RecordError
-from memattn.record import AttentionRecord
 from memattn.scores import entropy, last_steps, layer_entropy_curves, token_mass
-from memattn.tokens import TokenLayout
 
 PROMPTS = ["a photo of an astronaut riding a horse on mars", "a dog", "hello " * 90]
 

@@ -21,12 +21,12 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from tqdm.auto import tqdm
 
 from memattn import scores
+from memattn.attention.trace import trace
 from memattn.combined import CombinedDetector
 from memattn.detect import check_prompts, stop_after_first_step
 from memattn.detectors import BE_LAYERS, NoiseDifference, bright_ending, step1_features
 from memattn.errors import MemattnError
 from memattn.metrics import bootstrap_auc_and_tpr, tpr_at_fpr
-from memattn.probe import trace
 
 FPRS = (0.01, 0.03, 0.05, 0.10)
 SEED_STRIDE = 100_000  # image seed = index in its own file + SEED_STRIDE * seed number (0: the paper's)

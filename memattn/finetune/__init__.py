@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from memattn.attention.layers import parse_layers
 from memattn.errors import Interrupted, MemattnError
 from memattn.finetune.checkpoints import (
     StepLog,
@@ -69,7 +70,6 @@ from memattn.finetune.config import (
 )
 from memattn.finetune.data import TrainData, load_folder_data, load_testbed_data
 from memattn.interrupts import StopRequest
-from memattn.layers import parse_layers
 from memattn.train_filter import (
     CaptionAugmenter,
     EntropyFilter,

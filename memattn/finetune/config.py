@@ -6,8 +6,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from memattn.attention.layers import parse_layers
 from memattn.errors import MemattnError
-from memattn.layers import parse_layers
 
 MITIGATIONS = ("none", "entropy", "noise-norm", "caption-aug", "random-drop")
 CHECKPOINTS = "checkpoints"  # same layout as the testbed trainer (memattn.testbed.train)

@@ -73,7 +73,7 @@ def regenerate(
     from tqdm.auto import tqdm
 
     from memattn import scores
-    from memattn.probe import trace
+    from memattn.attention.trace import trace
 
     out = []
     map_steps = map_steps_for(steps)

@@ -8,9 +8,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from memattn.attention.layers import parse_layer
 from memattn.detect import stop_after_first_step
 from memattn.errors import MemattnError
-from memattn.layers import parse_layer
 from memattn.scan.inputs import sha
 from memattn.scan.schema import ScanSettings
 
@@ -135,8 +135,8 @@ class BatchScorer:
         import torch
 
         from memattn import scores
+        from memattn.attention.trace import trace
         from memattn.detectors import NoiseDifference, step1_features
-        from memattn.probe import trace
 
         s = self.settings
         cfg = s.guidance_scale > 1

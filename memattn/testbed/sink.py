@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 import memattn
-from memattn.tokens import TokenLayout
+from memattn.attention.tokens import TokenLayout
 
 PROBE_TIMESTEPS = (999, 500, 100)
 PROBE_PER_GROUP = 32

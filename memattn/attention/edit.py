@@ -11,8 +11,9 @@ code also masks the unconditional branch to the conditional prompt's length: ``m
 edited rows by ``C``; the masks are an additive bias of shape ``(batch, 1, 1, tokens)`` that broadcasts
 over heads and queries. Both go to the same fused attention kernel as the unedited layer: no extra
 forward passes, no extra matmul and no ``(batch, heads, queries, tokens)`` tensor per layer call.
-``memattn.mitigate(pipe, c=1.25)`` installs it for a ``with`` block and can be
-combined with ``memattn.trace`` in either order (the trace then records the edited attention).
+:class:`EditListener` applies one edit through a model's attention session (``memattn.mitigate``
+adds one for a ``with`` block, the guard one for its flagged rows); a ``memattn.trace`` in either order
+around it records the edited attention.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
+from memattn.attention.session import AttentionSession, Listener
+from memattn.attention.tokens import TokenLayout
 from memattn.errors import LayoutError, MemattnError
-from memattn.tokens import TokenLayout
 
 PAPER_C = 1.25  # Ren et al.'s BOS logit factor: the one place it is written
 
@@ -144,6 +146,39 @@ def _token_masks(
     if mask_prompt:
         hidden |= prompt_words
     return hidden.to(device), prompt_words.to(device)
+
+
+class EditListener(Listener):
+    """Applies an :class:`AttentionEdit` at every probe, to every conditional row or to ``rows`` only."""
+
+    edits = True
+
+    def __init__(
+        self, edit: AttentionEdit, rows: torch.Tensor | None = None, *, role: str = "mitigate"
+    ) -> None:
+        self.edit_settings = edit
+        self.rows = rows  # bool per conditional row (the guard's flagged images); None: every row
+        self.role = role
+
+    @property
+    def edits_every_row(self) -> bool:
+        return self.rows is None and not self.edit_settings.is_noop
+
+    def on_step(self, session: AttentionSession) -> None:
+        if session.step == 0:
+            length = session.schedule_length()
+            if length:
+                self.edit_settings.check_schedule(length)
+
+    def edit(
+        self, session: AttentionSession, layer: int, key: torch.Tensor, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        edit = self.edit_settings
+        if edit.is_noop or not edit.active(session.step, layer):
+            return key, mask
+        call = session.call
+        key, bias = edit.apply(key, session.cond_rows, None if call is None else call.layouts, self.rows)
+        return key, mask if bias is None else merge_masks(bias, mask)
 
 
 def merge_masks(bias: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from memattn.attention.layers import resolve_layer
+from memattn.attention.tokens import TokenLayout
 from memattn.errors import LayoutError, RecordError
-from memattn.layers import resolve_layer
-from memattn.tokens import TokenLayout
 
 # The layer the paper's score E reads in SD1.x (forward index 3, 32×32 at 512 px).
 PAPER_E_LAYER = "down_blocks.1.attentions.1.transformer_blocks.0.attn2"
@@ -58,7 +58,7 @@ class AttentionRecord:
         return torch.stack([source[:, i, :, :h].mean(dim=2) for i, h in enumerate(self.heads)], dim=1)
 
     def layer_index(self, layer: int | str) -> int:
-        """Forward-order index of a layer, named as :func:`memattn.layers.resolve_layer` names them."""
+        """Forward-order index of a layer (the one rule: :func:`~memattn.attention.layers.resolve_layer`)."""
         return resolve_layer(self.layer_names, layer)
 
     def default_e_layer(self) -> int:

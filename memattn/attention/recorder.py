@@ -1,0 +1,195 @@
+"""The listener that records: per call, the query-mean attention of every layer and step.
+
+For the observed rows only, it keeps the query-mean of ``softmax(QKᵀ/√d + mask)`` over the text
+tokens — a ``(rows, heads, tokens)`` tensor per layer call, kept on the model's device until a record
+is asked for (one device→host copy then) — and, when asked, full maps for chosen steps and layers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from memattn.attention.record import AttentionRecord
+from memattn.attention.session import AttentionSession, Listener
+from memattn.attention.tokens import TokenLayout
+from memattn.errors import LayoutError
+
+
+@dataclass
+class _Segment:
+    """Buffers of one call (see :class:`memattn.attention.session.Call`)."""
+
+    call: int
+    prompts: tuple[str, ...] | None = None
+    layouts: tuple[TokenLayout, ...] | None = None
+    uncond_layouts: tuple[TokenLayout, ...] | None = None
+    images_per_prompt: int = 1
+    n_images: int = 0
+    steps: list[list[torch.Tensor | None]] = field(default_factory=list)
+    uncond_steps: list[list[torch.Tensor | None]] = field(default_factory=list)
+    timesteps: list[Any] = field(default_factory=list)
+    maps: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    map_sizes: dict[int, tuple[int, int]] = field(default_factory=dict)
+    record: AttentionRecord | None = None
+
+
+class Recorder(Listener):
+    """Records what every probe of a session sees, one :class:`AttentionRecord` per call."""
+
+    reads = True
+
+    def __init__(
+        self,
+        layer_names: Sequence[str],
+        heads: Sequence[int],
+        *,
+        record_uncond: bool = False,
+        map_steps: Sequence[int] | None = None,
+        map_layers: Sequence[int] | None = None,
+        role: str = "trace",
+    ) -> None:
+        self.layer_names = tuple(layer_names)
+        self.heads = tuple(heads)
+        self.record_uncond = record_uncond
+        self.want_maps = map_steps is not None or map_layers is not None
+        self.map_steps = None if map_steps is None else set(map_steps)
+        self.map_layers = None if map_layers is None else set(map_layers)
+        self.role = role
+        self.segments: list[_Segment] = []
+        self._observed = slice(0, 0)
+        self._n_cond = 0
+
+    # ---- listener -----------------------------------------------------------------------------
+    def on_step(self, session: AttentionSession) -> None:
+        call = session.call
+        assert call is not None
+        if not self.segments or self.segments[-1].call != call.index:
+            uncond = self.record_uncond and call.cfg
+            self.segments.append(
+                _Segment(
+                    call=call.index,
+                    prompts=call.prompts,
+                    layouts=call.layouts,
+                    uncond_layouts=call.uncond_layouts if uncond else None,
+                    images_per_prompt=call.images_per_prompt,
+                    n_images=call.n_images or 0,
+                )
+            )
+        segment = self.segments[-1]
+        uncond = self.record_uncond and call.cfg
+        self._n_cond = session.cond_rows.stop - session.cond_rows.start
+        self._observed = slice(0, session.batch) if uncond else session.cond_rows
+        segment.steps.append([None] * len(self.layer_names))
+        if uncond:
+            segment.uncond_steps.append([None] * len(self.layer_names))
+        segment.timesteps.append(session.timestep)
+        segment.record = None
+
+    @torch.no_grad()
+    def observe(
+        self,
+        session: AttentionSession,
+        layer: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> None:
+        """Store the query-mean attention probabilities of the observed rows (no host sync).
+
+        Runs without autograd: in a training forward the record must not keep the graph alive.
+        """
+        if not self.segments or not self.segments[-1].steps:
+            return
+        segment = self.segments[-1]
+        rows = self._observed
+        query = query[rows].float() * query.shape[-1] ** -0.5  # scale the (L, d) side, not (L, 77)
+        logits = query @ key[rows].float().transpose(-1, -2)
+        if mask is not None:
+            logits = logits + mask[rows].float()
+        probs = logits.softmax(dim=-1)
+        mean = probs.mean(dim=2)
+        step = len(segment.steps) - 1
+        n_cond = self._n_cond
+        segment.steps[step][layer] = mean[-n_cond:]
+        if segment.uncond_steps:
+            segment.uncond_steps[step][layer] = mean[:-n_cond]
+        if (
+            self.want_maps
+            and (self.map_steps is None or step in self.map_steps)
+            and (self.map_layers is None or layer in self.map_layers)
+        ):
+            segment.maps[(step, layer)] = probs[-n_cond:].detach()
+            segment.map_sizes.setdefault(layer, _spatial_size(session.latent_size, probs.shape[2]))
+
+    # ---- results ------------------------------------------------------------------------------
+    def records(self) -> list[AttentionRecord]:
+        return [self._finalize(s) for s in self.segments if s.steps]
+
+    def clear(self) -> None:
+        self.segments.clear()
+
+    def _finalize(self, segment: _Segment) -> AttentionRecord:
+        if segment.record is None:
+            n_images = segment.n_images
+            layouts = segment.layouts
+            if layouts is not None and len(layouts) != n_images:
+                raise LayoutError(
+                    f"{len(layouts)} token layouts for {n_images} conditional rows; pass one length or "
+                    "layout per image"
+                )
+            segment.record = AttentionRecord(
+                attention=self._stack(segment.steps, n_images),
+                layer_names=self.layer_names,
+                heads=self.heads,
+                timesteps=torch.tensor([_as_float(t) for t in segment.timesteps], dtype=torch.float32),
+                layouts=layouts,
+                prompts=segment.prompts,
+                images_per_prompt=segment.images_per_prompt,
+                uncond_attention=self._stack(segment.uncond_steps, n_images)
+                if segment.uncond_steps
+                else None,
+                uncond_layouts=segment.uncond_layouts,
+                maps={k: v.float().cpu() for k, v in segment.maps.items()},
+                map_sizes=dict(segment.map_sizes),
+            )
+        return segment.record
+
+    def _stack(self, steps: list[list[torch.Tensor | None]], n_images: int) -> torch.Tensor:
+        """``[step, layer, image, head, token]`` float32 on the CPU; one device→host copy at the end."""
+        width = max(self.heads)
+        tokens = next((t.shape[-1] for step in steps for t in step if t is not None), 0)
+        device = next((t.device for step in steps for t in step if t is not None), torch.device("cpu"))
+        blank = torch.full((n_images, width, tokens), float("nan"), device=device)
+        stacked = []
+        for step in steps:
+            layers = []
+            for layer in step:
+                if layer is None:
+                    layers.append(blank)
+                elif layer.shape[1] < width:
+                    layers.append(torch.cat([layer, blank[:, : width - layer.shape[1]]], dim=1))
+                else:
+                    layers.append(layer)
+            stacked.append(torch.stack(layers))
+        return torch.stack(stacked).float().cpu()
+
+
+def _spatial_size(latent_size: tuple[int, int], n_queries: int) -> tuple[int, int]:
+    """Height and width of a layer's query grid from the latent size and its query count."""
+    height, width = latent_size
+    if height * width == 0:
+        return (n_queries, 1)
+    factor = max(1, round(math.sqrt(height * width / n_queries)))
+    size = (-(-height // factor), -(-width // factor))
+    return size if size[0] * size[1] == n_queries else (n_queries, 1)
+
+
+def _as_float(value: Any) -> float:
+    if isinstance(value, torch.Tensor):
+        return float(value.reshape(-1)[0]) if value.numel() else float("nan")
+    return float(value) if value is not None else float("nan")
