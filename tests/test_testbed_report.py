@@ -89,6 +89,23 @@ def test_summary_metrics_follow_the_rows():
     assert summary["groups"]["memorized_matching"]["copy_rate"] < 0.5  # threshold moved above most
 
 
+def test_every_layers_e_has_an_auc_against_each_non_memorized_group():
+    """Layer 1's E separates memorized rows from seen-once rows only: its per-group AUCs say so."""
+    from memattn.testbed.report import detection_ranking
+
+    evaluation = synthetic_evaluation(n_per_group=10)
+    for row in evaluation.rows:
+        memorized = row["group"].startswith("memorized")
+        row["layer_e"][1] = 1.0 if memorized else (0.0 if row["group"] == "seen_once" else 2.0)
+    summary = evaluation.summary()
+    by_group = summary["layer_e_auc_by_negative_group"]
+    assert set(by_group) == {"seen_once", "never_seen"}
+    assert by_group["seen_once"][1] == 1.0 and by_group["never_seen"][1] == 0.0
+    assert all(len(aucs) == 3 for aucs in by_group.values())
+    ranked = {r["score"]: r for r in detection_ranking(summary)}
+    assert ranked["E down_blocks.1.attentions.0"]["by_group"] == {"seen_once": 1.0, "never_seen": 0.0}
+
+
 def test_every_example_verdict_in_the_html_follows_its_similarity(tmp_path):
     """The examples table once said "copy" for every row (jinja2 found dict.copy before the key)."""
     import re

@@ -135,6 +135,7 @@ class Evaluation:
                 for i in range(len(self.layer_names))
             ]
         by_group: dict[str, dict[str, float]] = {}  # memorized vs each non-memorized group alone
+        layer_by_group: dict[str, list[float]] = {}  # the same for E in every layer (forward order)
         positives = [row for row in self.rows if row["group"] in ("memorized_matching", "memorized_template")]
         for group in NON_MEMORIZED:
             members = [row for row in negatives if row["group"] == group]
@@ -145,6 +146,10 @@ class Evaluation:
                 score: detection_metrics(labels, [r[score] for r in positives + members], fpr)["auc"]
                 for score in scores
             }
+            layer_by_group[group] = [
+                detection_metrics(labels, [r["layer_e"][i] for r in positives + members], fpr)["auc"]
+                for i in range(len(self.layer_names))
+            ]
         copied = [row for row in self.rows if row["copy_similarity"] > threshold]
         clean = [row for row in negatives if row["copy_similarity"] <= threshold]
         if copied and clean:  # outcome-based: does the score flag the generations that are copies?
@@ -164,6 +169,7 @@ class Evaluation:
             "groups": groups,
             "detection_vs_non_memorized": detection,
             "detection_auc_by_negative_group": by_group,
+            "layer_e_auc_by_negative_group": layer_by_group,
             "non_memorized_groups": list(NON_MEMORIZED),
             "cross_attention_layers": self.layer_names,
         }

@@ -218,7 +218,8 @@ def detection_ranking(summary: dict) -> list[dict[str, Any]]:
                 }
             )
         else:
-            for name, auc in zip(summary["cross_attention_layers"], value, strict=True):
+            layer_by_group = summary.get("layer_e_auc_by_negative_group", {})
+            for i, (name, auc) in enumerate(zip(summary["cross_attention_layers"], value, strict=True)):
                 short = name.removesuffix(".transformer_blocks.0.attn2")
                 ranked.append(
                     {
@@ -226,7 +227,7 @@ def detection_ranking(summary: dict) -> list[dict[str, Any]]:
                         "auc": auc,
                         "tpr_at_fpr": None,
                         "step1": True,
-                        "by_group": dict.fromkeys(groups),
+                        "by_group": {g: layer_by_group.get(g, [None] * len(value))[i] for g in groups},
                     }
                 )
     return sorted(ranked, key=lambda r: -r["auc"])
