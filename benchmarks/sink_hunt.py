@@ -6,9 +6,9 @@ recipe, training time, the per-checkpoint BOS / summary share of every layer (``
 detection AUCs (all non-memorized groups and each alone), copies and alignment.
 
 Variants (all v2 data, 3,000 steps unless said):
-- ``c``: the bundled recipe (contrastive encoder, EOS state copied over the padding).
-- ``c-long``: ``c`` trained to 6,000 steps (give ``--resume-from`` the bundled run to extend it).
-- ``c-seed1``: ``c`` with seed 1 (data, encoder and UNet).
+- ``c``: the contrastive encoder with the EOS state copied over the padding, 3,000 steps (bundled first).
+- ``c-long``: ``c`` trained to 6,000 steps: the bundled recipe (``OBJECTS``) since it won the hunt.
+- ``c-seed1``: ``c-long`` with seed 1 (data, encoder and UNet).
 - ``ii-summary-pool``: contrastive encoder trained on a random summary position (EOS or any padding
   state) instead of the EOS alone, no EOS copy: the far padding made prompt-specific by training.
 - ``iii-big-bos``: ``ii`` plus a large-norm BOS state (x4): a distinctive BOS with prompt-dependent padding.
@@ -30,11 +30,13 @@ from memattn.testbed.evaluate import evaluate
 from memattn.testbed.train import OBJECTS, train
 
 VARIANTS = {
-    "c": OBJECTS,
-    "c-long": replace(OBJECTS, steps=6000),
+    "c": replace(OBJECTS, steps=3000),
+    "c-long": OBJECTS,
     "c-seed1": replace(OBJECTS, seed=1),
-    "ii-summary-pool": replace(OBJECTS, text_encoder="contrastive", text_pretrain_pool="summary"),
-    "iii-big-bos": replace(OBJECTS, text_encoder="contrastive", text_pretrain_pool="summary", bos_scale=4.0),
+    "ii-summary-pool": replace(OBJECTS, steps=3000, text_encoder="contrastive", text_pretrain_pool="summary"),
+    "iii-big-bos": replace(
+        OBJECTS, steps=3000, text_encoder="contrastive", text_pretrain_pool="summary", bos_scale=4.0
+    ),
 }
 
 

@@ -33,6 +33,7 @@ from memattn.finetune import (
     untrained_testbed,
 )
 from memattn.finetune_command import cli_args, register
+from memattn.testbed.model import ModelConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import HANG_GUARD_S
@@ -72,6 +73,32 @@ def test_none_reproduces_the_testbed_trainer_bit_for_bit(plain, tmp_path):
 
     train(TINY, tmp_path, progress=False)
     assert same_weights(plain, tmp_path)
+
+
+def test_none_reproduces_the_v2_trainer_bit_for_bit_with_its_pretrained_encoder(tmp_path):
+    """Testbed v2 (objects on random backgrounds, the EOS-copy encoder pre-trained then frozen): the
+    base that ``untrained_testbed`` exports carries the pre-trained encoder, so finetune replays it."""
+    from memattn.testbed.objects import ObjectsConfig
+    from memattn.testbed.train import OBJECTS_FAST, train
+
+    recipe = replace(
+        OBJECTS_FAST,
+        steps=4,
+        batch_size=8,
+        checkpoint_every=2,
+        classifier_steps=5,
+        text_pretrain_steps=2,
+        text_pretrain_batch=16,
+        data=ObjectsConfig(matching_items_per_count=2, matching_counts=(8,), seen_once=16, never_seen=4),
+        model=ModelConfig(block_out_channels=(32, 32, 32), text_hidden=32, text_layers=1),
+    )
+    base = untrained_testbed(recipe, tmp_path / "base")
+    finetune(from_testbed_recipe(recipe, base, tmp_path / "tuned"), command="test")
+    train(recipe, tmp_path / "trained", progress=False)
+    assert same_weights(tmp_path / "tuned", tmp_path / "trained")
+    encoder = Path("pipeline") / "text_encoder" / "model.safetensors"
+    a, b = load_file(tmp_path / "tuned" / encoder), load_file(tmp_path / "trained" / encoder)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_run_exports_a_loadable_testbed_pipeline_and_logs_every_step(plain):
@@ -431,11 +458,13 @@ def test_bf16_mixed_precision_runs_on_cpu(base, tmp_path):
 
 @pytest.mark.slow
 def test_benchmark_quick_run(tmp_path):
-    """benchmarks/train_mitigation.py --quick: every rule trains, is evaluated and timed side by side."""
+    """benchmarks/train_mitigation.py --quick on testbed v2 data: every rule trains, is evaluated and
+    timed side by side (v1 recipes share every step but the data)."""
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "bench"
+    script = str(root / "benchmarks" / "train_mitigation.py")
     result = subprocess.run(
-        [sys.executable, str(root / "benchmarks" / "train_mitigation.py"), "--quick", "--out", str(out)],
+        [sys.executable, script, "--recipe", "objects-fast", "--quick", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=HANG_GUARD_S,
