@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 import memattn
-from memattn.detect import stop_after_first_step
 from memattn.detectors import BE_LAYERS, NoiseDifference, bright_ending, step1_features
 from memattn.loading import BUNDLED_TESTBED, load_pipeline
+from memattn.step1 import stop_after_first_step
 from memattn.tiny import tiny_pipeline
 
 PROMPTS = (

@@ -29,6 +29,7 @@ import torch
 from memattn.guard import Guard, threshold_at_fpr
 from memattn.loading import load_pipeline, resolve_model
 from memattn.metrics import detection_metrics
+from memattn.step1 import score_step1
 from memattn.testbed.alignment import CLASSIFIER_FILE, alignment, load_classifier
 from memattn.testbed.evaluate import dataset_for, scene_of
 from memattn.testbed.measures import DetailMatcher, OwnImageMatcher, copy_threshold_for
@@ -103,17 +104,16 @@ def main() -> None:
     }
     guards = [("e", None), ("wen", None)] + ([("e", args.layer)] if args.layer else [])
     for score, layer in guards:
-        scorer = Guard(pipe, threshold=float("inf"), score=score, layer=layer)
         clean_scores = np.concatenate(
             [
-                scorer.score_prompts(
+                score_step1(
+                    pipe,
                     calibration[i : i + 64],
-                    num_inference_steps=args.steps,
+                    seeds=[i + k for k in range(len(calibration[i : i + 64]))],
+                    steps=args.steps,
                     guidance_scale=args.guidance,
-                    generator=[
-                        torch.Generator().manual_seed(i + k) for k in range(len(calibration[i : i + 64]))
-                    ],
-                )
+                    wen=score == "wen",
+                ).score(score, layer)
                 for i in range(0, len(calibration), 64)
             ]
         )

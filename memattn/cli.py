@@ -120,21 +120,21 @@ def calibrate(
     ] = None,
 ) -> None:
     """Pick the guard threshold that flags at most --fpr of known-clean prompts; store it with the model."""
-    import torch
     from tqdm.auto import tqdm
 
     from memattn.guard import (
         CALIBRATION_FILE,
         Calibration,
-        Guard,
         call_settings,
         min_clean_prompts,
         threshold_at_fpr,
     )
     from memattn.loading import load_pipeline, resolve_model
     from memattn.prompts_io import read_prompts
+    from memattn.step1 import check_kind, score_step1
 
     quiet_loading()
+    check_kind(score)
     steps, guidance, settings_line = resolve_settings(model, steps, guidance)
     note_guidance(guidance)
     prompts = read_prompts(clean)
@@ -158,14 +158,14 @@ def calibrate(
     pipe = load_pipeline(str(path), progress_bar=False)
     announce(settings_line)
     e_layer = None if layer is None else parse_layer(layer)
-    guard = Guard(pipe, threshold=float("inf"), score=score, layer=e_layer)  # type: ignore[arg-type]
     scores = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="calibrate", unit="batch"):
         batch = prompts[start : start + batch_size]
-        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(batch))]
-        scores += guard.score_prompts(
-            batch, num_inference_steps=steps, guidance_scale=guidance, generator=generators
-        ).tolist()
+        seeds = [seed + start + i for i in range(len(batch))]
+        step1 = score_step1(
+            pipe, batch, seeds=seeds, steps=steps, guidance_scale=guidance, wen=score == "wen"
+        )
+        scores += step1.score(score, e_layer).tolist()
     threshold = threshold_at_fpr(scores, fpr)
     flagged = sum(x > threshold for x in scores)
     settings = call_settings(pipe, {"num_inference_steps": steps, "guidance_scale": guidance})

@@ -13,6 +13,7 @@ from memattn import scores
 from memattn.attention.trace import trace
 from memattn.errors import MemattnError
 from memattn.quiet import pipeline_bar_off
+from memattn.step1 import Step1, score_step1
 
 SCORES = ("d", "e")
 
@@ -77,25 +78,30 @@ def detect(
 
     def on_step_end(pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
         bar.update(1)
-        if first_step_only:
-            return stop_after_first_step(pipe, step, timestep, callback_kwargs)
         return callback_kwargs
 
     with bar, pipeline_bar_off(pipe):
         for start in starts:
             batch = prompts[start : start + batch_size]
             seeds = [seed + start + i for i in range(len(batch))]
-            generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-            with trace(pipe) as tr:
-                pipe(
-                    list(batch),
-                    num_inference_steps=steps,
-                    guidance_scale=guidance_scale,
-                    generator=generators,
-                    output_type="latent",
-                    callback_on_step_end=on_step_end,
-                )
-            results += _detections(tr.record, batch, seeds, which, layer)
+            if first_step_only:  # E: the one step-1 scorer, one UNet call
+                record = score_step1(
+                    pipe, batch, seeds=seeds, steps=steps, guidance_scale=guidance_scale, wen=False
+                ).record
+                bar.update(1)
+            else:
+                generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+                with trace(pipe) as tr:
+                    pipe(
+                        list(batch),
+                        num_inference_steps=steps,
+                        guidance_scale=guidance_scale,
+                        generator=generators,
+                        output_type="latent",
+                        callback_on_step_end=on_step_end,
+                    )
+                record = tr.record
+            results += _detections(record, batch, seeds, which, layer)
     return results
 
 
@@ -103,7 +109,7 @@ def _detections(
     record: Any, batch: Sequence[str], seeds: list[int], which: Sequence[str], layer: int | str | None
 ) -> list[Detection]:
     d = scores.score_d(record).tolist() if "d" in which else [None] * len(batch)
-    e = scores.score_e(record, layer).tolist() if "e" in which else [None] * len(batch)
+    e = Step1(record).e(layer).tolist() if "e" in which else [None] * len(batch)
     triggers = scores.trigger_tokens(record)
     return [
         Detection(
@@ -119,7 +125,4 @@ def _detections(
     ]
 
 
-def stop_after_first_step(pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
-    """``callback_on_step_end`` that ends a diffusers pipeline call after its first UNet call."""
-    pipe._interrupt = True
-    return callback_kwargs
+__all__ = ["SCORES", "Detection", "check_prompts", "detect"]

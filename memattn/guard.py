@@ -31,11 +31,10 @@ from memattn.attention.layers import parse_layer
 from memattn.attention.patch import patched
 from memattn.attention.recorder import Recorder
 from memattn.attention.session import AttentionSession
-from memattn.detect import stop_after_first_step
 from memattn.detectors import NoiseDifference
 from memattn.errors import MemattnError
 from memattn.mitigation import Mitigation
-from memattn.scores import score_e, trigger_tokens
+from memattn.step1 import Step1, check_kind, score_step1
 
 CALIBRATION_FILE = "memattn_guard.json"
 Score = Literal["e", "wen"]
@@ -201,8 +200,7 @@ class Guard:
     ) -> None:
         if mode not in ("continue", "restart"):
             raise MemattnError(f"guard mode must be 'continue' or 'restart', got {mode!r}")
-        if score not in ("e", "wen"):
-            raise MemattnError(f"guard score must be 'e' or 'wen', got {score!r}")
+        check_kind(score)
         self.pipe = pipe
         self.mode = mode
         self.edit = AttentionEdit(**{"c": PAPER_C, **(mitigation or {})})
@@ -227,15 +225,28 @@ class Guard:
         self.layer = layer
 
     # ---- one call -----------------------------------------------------------------------------
-    def score_prompts(self, prompts: list[str], **kwargs: Any) -> np.ndarray:
-        """Step-1 scores only (one UNet call per batch: the run stops after the first step)."""
-        saved = self.threshold, self.mode
-        self.threshold, self.mode = float("inf"), "continue"
-        try:
-            out = self(prompts, callback_on_step_end=stop_after_first_step, output_type="latent", **kwargs)
-        finally:
-            self.threshold, self.mode = saved
-        return np.array([v.score for v in out.verdicts])
+    def score_prompts(
+        self, prompts: list[str], *, generator: Sequence[torch.Generator], **kwargs: Any
+    ) -> np.ndarray:
+        """The guard's step-1 score per prompt, nothing flagged or edited (one UNet call per batch).
+
+        ``kwargs`` are pipeline arguments; the step count and guidance default to the pipeline's.
+        """
+        settings = call_settings(self.pipe, kwargs)
+        if self.calibration is not None:
+            loaded, source = self.calibration
+            check_calibrated_settings(asdict(loaded), settings, source)
+        rest = {k: v for k, v in kwargs.items() if k not in ("num_inference_steps", "guidance_scale")}
+        step1 = score_step1(
+            self.pipe,
+            list(prompts),
+            generators=generator,
+            steps=settings["steps"],
+            guidance_scale=settings["guidance_scale"],
+            wen=self.score == "wen",
+            **rest,
+        )
+        return step1.score(self.score, self.layer)
 
     def __call__(self, prompt: str | list[str], **kwargs: Any) -> GuardOutput:
         if "prompt_embeds" in kwargs:
@@ -307,16 +318,12 @@ class Guard:
 
     # ---- pieces -------------------------------------------------------------------------------
     def _decide(self, recorder: Recorder, state: dict) -> None:
-        record = recorder.records()[-1]
-        if self.score == "e":
-            scores = score_e(record, self.layer).numpy()
-        else:
-            scores = state["noise"].wen(1)
-        if not np.isfinite(scores).all():
-            raise MemattnError("a step-1 score is NaN or infinite (fp16 overflow?); run the model in fp32")
+        wen = state["noise"].wen(1) if self.score == "wen" else None
+        step1 = Step1(recorder.records()[-1], wen)
+        scores = step1.score(self.score, self.layer)
         state["scores"] = scores
         state["flagged"] = scores > self.threshold
-        state["triggers"] = trigger_tokens(record, k=3)
+        state["triggers"] = step1.triggers(3)
 
     def _restart(
         self, images: Any, row_prompts: list[str], flagged: np.ndarray, latents: Any, kwargs: dict

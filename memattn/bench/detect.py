@@ -23,10 +23,11 @@ from tqdm.auto import tqdm
 from memattn import scores
 from memattn.attention.trace import trace
 from memattn.combined import CombinedDetector
-from memattn.detect import check_prompts, stop_after_first_step
-from memattn.detectors import BE_LAYERS, NoiseDifference, bright_ending, step1_features
+from memattn.detect import check_prompts
+from memattn.detectors import BE_LAYERS, NoiseDifference, bright_ending
 from memattn.errors import MemattnError
 from memattn.metrics import bootstrap_auc_and_tpr, tpr_at_fpr
+from memattn.step1 import score_step1
 
 FPRS = (0.01, 0.03, 0.05, 0.10)
 SEED_STRIDE = 100_000  # image seed = index in its own file + SEED_STRIDE * seed number (0: the paper's)
@@ -88,8 +89,9 @@ def collect(
             )
 
         began = time.perf_counter()
-        with trace(pipe) as quick, NoiseDifference(pipe, max_calls=1) as quick_noise:
-            call(callback_on_step_end=stop_after_first_step)
+        quick = score_step1(
+            pipe, texts, seeds=image_seeds, steps=steps, guidance_scale=guidance_scale, wen=True
+        )
         seconds_step1 += time.perf_counter() - began
         began = time.perf_counter()
         last = steps - 1
@@ -106,11 +108,11 @@ def collect(
                 "call per step (DDIM/DDPM/Euler-style schedulers)"
             )
         d = scores.score_d(record).numpy()
-        e = scores.score_e(quick.record).numpy()
-        wen1 = quick_noise.wen(1)
+        e = quick.e()
+        wen1 = quick.wen
         wen_all = nd.wen(len(nd.norms))
         be = bright_ending(record, nd, be_layers)
-        x, names = step1_features(quick.record, wen1)
+        x, names = quick.features()
         features.append(x)
         for j, (index, seed_number) in enumerate(batch):
             rows.append(

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from memattn.attention.layers import parse_layer
-from memattn.detect import stop_after_first_step
 from memattn.errors import MemattnError
 from memattn.scan.inputs import sha
 from memattn.scan.schema import ScanSettings
@@ -132,34 +131,24 @@ class BatchScorer:
         return [len(i) for i in ids]
 
     def score(self, prompts: list[str], seeds: list[int]) -> list[dict[str, Any]]:
-        import torch
-
         from memattn import scores
-        from memattn.attention.trace import trace
-        from memattn.detectors import NoiseDifference, step1_features
+        from memattn.step1 import score_step1
 
         s = self.settings
-        cfg = s.guidance_scale > 1
-        generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
-        kwargs: dict[str, Any] = {} if s.full else {"callback_on_step_end": stop_after_first_step}
-        noise = NoiseDifference(self.pipe, max_calls=1) if cfg else None  # Wen's score needs CFG
-        with torch.no_grad(), trace(self.pipe) as tr, noise or nullcontext():
-            self.pipe(
-                list(prompts),
-                num_inference_steps=s.steps,
-                guidance_scale=s.guidance_scale,
-                generator=generators,
-                output_type="latent",
-                **kwargs,
-            )
-        record = tr.record
-        wen = noise.wen(1) if noise is not None else None
-        features, names = step1_features(record, wen)
+        step1 = (
+            self._full_run(prompts, seeds)
+            if s.full
+            else score_step1(self.pipe, prompts, seeds=seeds, steps=s.steps, guidance_scale=s.guidance_scale)
+        )
+        record, wen = step1.record, step1.wen  # Wen's score only with CFG (guidance above 1)
+        features, names = step1.features()
         n_layers = record.n_layers
-        e = scores.score_e(record, self.layer).tolist()
+        e = step1.e(self.layer).tolist()
         d = scores.score_d(record).tolist() if s.full else [None] * len(prompts)
         combined = self._combined(features, names)
-        flag_scores = self._flag_scores(record, e, wen)
+        flag_scores = (
+            None if self.calibration is None else step1.score(self.calibration.score, self._flag_layer())
+        )
         triggers = scores.trigger_tokens(record, k=s.top_k) if s.top_k else [[] for _ in prompts]
         rows = []
         for i, layout in enumerate(record.require_layouts()):
@@ -186,18 +175,30 @@ class BatchScorer:
             )
         return rows
 
-    def _flag_scores(self, record: Any, e: list[float], wen: Any) -> list[float] | None:
-        from memattn import scores
+    def _flag_layer(self) -> int | str | None:
+        """The layer the calibration's E was measured in (the threshold applies there, not at --layer)."""
+        return self.calibration.layer if self.calibration is not None else self.layer
 
-        if self.calibration is None:
-            return None
-        if self.calibration.score == "wen":
-            if wen is None:
-                raise MemattnError("the calibration thresholds Wen's score, which needs --guidance above 1")
-            return [float(x) for x in wen]
-        if self.calibration.layer == self.layer:
-            return e
-        return scores.score_e(record, self.calibration.layer).tolist()
+    def _full_run(self, prompts: list[str], seeds: list[int]) -> Any:
+        """Every step traced (D needs them all); the step-1 scores come from the same run's first call."""
+        import torch
+
+        from memattn.attention.trace import trace
+        from memattn.detectors import NoiseDifference
+        from memattn.step1 import Step1
+
+        s = self.settings
+        generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
+        noise = NoiseDifference(self.pipe, max_calls=1) if s.guidance_scale > 1 else None
+        with torch.no_grad(), trace(self.pipe) as tr, noise or nullcontext():
+            self.pipe(
+                list(prompts),
+                num_inference_steps=s.steps,
+                guidance_scale=s.guidance_scale,
+                generator=generators,
+                output_type="latent",
+            )
+        return Step1(tr.record, noise.wen(1) if noise is not None else None)
 
     def _combined(self, features: Any, names: list[str]) -> Any:
         if self.detector is None:
