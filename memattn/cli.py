@@ -197,7 +197,9 @@ def generate(
     out: Annotated[Path, typer.Option(help="Directory for the PNGs and verdicts.json.")] = Path("generated"),
     guard: Annotated[bool, typer.Option(help="Score at step 1 and mitigate flagged images.")] = False,
     mode: Annotated[str, typer.Option(help="Guard mode: continue or restart.")] = "continue",
-    c: Annotated[float, typer.Option(help="BOS logit factor of the mitigation.")] = PAPER_C,
+    c: Annotated[
+        float | None, typer.Option(hidden=True, help="Old name of --strength for the paper's C.")
+    ] = None,
     method: Annotated[
         str,
         typer.Option(
@@ -207,7 +209,10 @@ def generate(
     ] = "none",
     strength: Annotated[
         float | None,
-        typer.Option(help="The method's strength (ren2024: C, default --c; rta/rna: items; gni: λ; ...)."),
+        typer.Option(
+            help="The mitigation's one number: ren2024 and --guard: C (1.25); rta/rna: inserted items; gni: "
+            "λ; wen: target norm; pad-mask: share; stp: share of steps; opposite-guidance: scale."
+        ),
     ] = None,
     threshold: Annotated[float | None, typer.Option(help="Guard threshold (default: calibrated).")] = None,
     calibration: Annotated[
@@ -234,10 +239,19 @@ def generate(
     prompts = check_prompts(prompts)
     if method not in methods.METHODS:
         raise MemattnError(f"unknown --method {method!r}; choose one of {', '.join(methods.METHODS)}")
+    if c is not None:
+        if strength is not None and strength != c:
+            raise MemattnError(
+                f"--c {c:g} and --strength {strength:g} set the same number: give --strength only"
+            )
+        strength = c
     if guard and method != "none":
         raise MemattnError(
             "--guard applies the paper's edit to flagged images only; do not combine it with --method"
         )
+    registered = methods.get(method)
+    if not guard:
+        registered.check(strength, guidance)
     if calibration is not None and not calibration.is_file():
         raise MemattnError(f"--calibration {calibration} does not exist; write one with `memattn calibrate`")
     writable_directory(out, "--out")  # before the work: a run must not end with nowhere to put its images
@@ -247,11 +261,17 @@ def generate(
     _warn_truncated(pipe, prompts)
     generators = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(len(prompts))]
     kwargs = {"num_inference_steps": steps, "guidance_scale": guidance, "generator": generators}
-    value = c if method == "ren2024" and strength is None else strength
-    prepared = methods.prepare(pipe, method, prompts, value, seed=seed, steps=steps)
-    context, generated_prompts = prepared.context, prepared.prompts
+    value = registered.default_strength if strength is None else strength
+    if not guard:
+        prepared = registered.prepare(
+            pipe, prompts, strength, seed=seed, steps=steps, guidance_scale=guidance
+        )
+        context, generated_prompts = prepared.context, prepared.prompts
     if guard:
-        checker = Guard(pipe, threshold=threshold, mode=mode, mitigation={"c": c}, calibration=calibration)  # type: ignore[arg-type]
+        paper_c = PAPER_C if strength is None else strength
+        checker = Guard(
+            pipe, threshold=threshold, mode=mode, mitigation={"c": paper_c}, calibration=calibration
+        )  # type: ignore[arg-type]
         result = checker(prompts, **kwargs)
         images, verdicts = result.images, [v.to_dict() for v in result.verdicts]
     else:

@@ -133,3 +133,41 @@ def test_prepare_knows_every_method_and_rejects_bad_strengths(sd1_pipe):
         with padding_masking(sd1_pipe):
             embeds, _ = _encode(sd1_pipe)
             sd1_pipe(prompt_embeds=embeds, num_inference_steps=1)
+
+
+def test_the_registry_owns_each_methods_metadata():
+    from memattn.methods import METHODS, REGISTRY, get
+
+    assert tuple(REGISTRY) == METHODS and len(METHODS) == 10
+    for name, method in REGISTRY.items():
+        assert method.name == name and method.summary
+        assert (method.default_strength is None) == (method.strength_meaning == ""), name
+        assert DEFAULT_STRENGTH[name] == method.default_strength
+    assert {n for n, m in REGISTRY.items() if m.needs_cfg} == {"wen", "stp", "opposite-guidance"}
+    with pytest.raises(MemattnError, match="stp needs classifier-free guidance"):
+        get("stp").check(None, guidance_scale=1.0)
+    with pytest.raises(MemattnError, match="pad-replace has no strength"):
+        get("pad-replace").check(0.5)
+    get("ren2024").check(2.0, guidance_scale=1.0)  # the attention edit needs no unconditional branch
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--method", "stp", "--guidance", "1"], "stp needs classifier-free guidance"),
+        (["--method", "pad-replace", "--strength", "0.5"], "pad-replace has no strength"),
+        (["--method", "ren2024", "--c", "2", "--strength", "3"], "give --strength only"),
+    ],
+)
+def test_generate_refuses_what_a_method_cannot_run_before_loading_the_model(tmp_path, args, message):
+    from typer.testing import CliRunner
+
+    from memattn.cli import app
+
+    out = tmp_path / "images"
+    model = tmp_path / "no-model-here"  # never loaded: the refusal comes first
+    result = CliRunner().invoke(
+        app, ["generate", "a cat", "--model", str(model), "--steps", "2", "--out", str(out), *args]
+    )
+    assert isinstance(result.exception, MemattnError) and message in str(result.exception), result.output
+    assert not out.exists()

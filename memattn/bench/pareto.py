@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -46,7 +47,9 @@ def mark_pareto(rows: Sequence[dict[str, Any]], x_key: str, y_key: str) -> None:
         row["pareto"] = i in front
 
 
-MARKERS = dict(zip(methods.METHODS, ("*", "o", "s", "D", "v", "P", "X", "p", "^", "<"), strict=True))
+MARKERS = dict(
+    zip(methods.METHODS, itertools.cycle(("*", "o", "s", "D", "v", "P", "X", "p", "^", "<")), strict=False)
+)
 FALLBACK_MARKERS = ("x", "h", ">", "8", "d", "H", "+", "1")
 
 
