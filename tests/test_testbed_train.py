@@ -159,7 +159,7 @@ def test_fast_recipe_memorizes_its_most_duplicated_items(tmp_path):
     to generalize well, so only the copies' alignment is checked.)"""
     import numpy as np
 
-    from memattn.testbed.evaluate import evaluate
+    from memattn.testbed.evaluate import PRE_REGISTERED_E_LAYER, evaluate
     from memattn.testbed.report import write_report
 
     result = subprocess.run(
@@ -184,6 +184,12 @@ def test_fast_recipe_memorizes_its_most_duplicated_items(tmp_path):
     assert summary["groups"]["never_seen"]["copy_rate"] <= 0.25
     assert np.mean([row["alignment"] for row in heavy]) >= 0.8  # a copy shows its caption's attributes
     assert "memorized_matching/score_e" in summary["detection_vs_non_memorized"]
+    # v2's pre-registered E is E in that layer, read from the same step-1 record
+    layer = evaluation.layer_names.index(PRE_REGISTERED_E_LAYER["object"])
+    assert all(
+        row["e_preregistered"] == pytest.approx(row["layer_e"][layer], abs=1e-6) for row in evaluation.rows
+    )
+    assert "memorized_matching/e_preregistered" in summary["detection_vs_non_memorized"]
     html = write_report(evaluation, tmp_path / "report").read_text()
     assert "memorized_matching" in html and (tmp_path / "report" / "copies.png").stat().st_size > 1000
 

@@ -233,6 +233,13 @@ def detection_ranking(summary: dict) -> list[dict[str, Any]]:
     return sorted(ranked, key=lambda r: -r["auc"])
 
 
+SCORE_LABELS = {
+    "score_d": "D (paper)",
+    "score_e": "E, paper's layer",
+    "e_preregistered": "E, pre-registered layer",
+}
+
+
 def headline_figure(evaluation: Evaluation, path: Path, mitigated: Evaluation | None) -> dict[str, Any]:
     """ROC of the best step-1 score vs D and E; copies / clean fidelity without and with mitigation."""
     positives = [row for row in evaluation.rows if row["group"] in MEMORIZED]
@@ -251,7 +258,8 @@ def headline_figure(evaluation: Evaluation, path: Path, mitigated: Evaluation | 
             fpr, tpr, _ = roc_curve(labels, values)
             auc = roc_auc_score(labels, values)
             kind = "step 1" if score in STEP1_SCORES else "all steps"
-            axes[0].plot(fpr, tpr, lw=2 if score == best else 1.2, label=f"{score} ({kind}) AUC {auc:.2f}")
+            name = SCORE_LABELS.get(score, score)
+            axes[0].plot(fpr, tpr, lw=2 if score == best else 1.2, label=f"{name} ({kind}) AUC {auc:.2f}")
     axes[0].plot([0, 1], [0, 1], color="#aaa", linestyle=":")
     axes[0].set_xlabel("false-positive rate")
     axes[0].set_ylabel("true-positive rate")
