@@ -19,10 +19,12 @@ from pathlib import Path
 
 import torch
 
+from memattn.attention.layers import cross_attention_layers
 from memattn.loading import load_pipeline, resolve_model
-from memattn.testbed.evaluate import evaluate, mitigation_measures
+from memattn.testbed.evaluate import evaluate, load_manifest, mitigation_measures
 
-GROUPS = ("memorized_matching", "memorized_template", "never_seen", "novel_composition")
+GROUPS = ("memorized_matching", "memorized_template", "never_seen", "novel_composition")  # those present
+UP_BLOCKS = "up_blocks"  # a layer window: the decoder's cross-attention layers only
 
 
 def baseline_settings() -> list[tuple[str, dict | None, dict | None]]:
@@ -55,6 +57,9 @@ def settings(c_values: list[float]) -> list[tuple[str, dict | None]]:
         ("mask padding + EOS, C=1.25", {"c": 1.25, "mask_eos": True}),
         ("ren2024 C=1.25 + mask_uncond", {"c": 1.25, "mask_uncond": True}),
         ("ren2024 C=1.25, first 30% of steps", {"c": 1.25, "steps": "early"}),
+        ("ren2024 C=1.25, last 70% of steps", {"c": 1.25, "steps": "late"}),
+        ("ren2024 C=1.25, up-block layers only", {"c": 1.25, "layers": UP_BLOCKS}),
+        ("ren2024 C=1.25, down/mid layers only", {"c": 1.25, "layers": "not-up"}),
     ]
     return out
 
@@ -80,11 +85,19 @@ def main() -> None:
     header = f"{'setting':36} {'copy128':>8} {'sim128':>7} {'copyT':>6} {'simT':>6}"
     print(header + f" {'align':>6} {'all5':>5} {'time':>6}")
     runs = baseline_settings() if args.baselines else [(n, m, None) for n, m in settings(args.c)]
+    groups = tuple(g for g in GROUPS if g in load_manifest(model)["groups"])  # v2: no templates
+    layer_names = [name for name, _ in cross_attention_layers(pipe.unet)]
     if args.only:
         runs = [run for run in runs if run[0] == "plain" or run[0].startswith(tuple(args.only))]
     for name, mitigation, baseline in runs:
         if mitigation is not None and mitigation.get("steps") == "early":
             mitigation = {**mitigation, "steps": list(range(round(0.3 * args.steps)))}
+        if mitigation is not None and mitigation.get("steps") == "late":
+            mitigation = {**mitigation, "steps": list(range(round(0.3 * args.steps), args.steps))}
+        if mitigation is not None and mitigation.get("layers") in (UP_BLOCKS, "not-up"):
+            up = mitigation["layers"] == UP_BLOCKS
+            chosen = [name for name in layer_names if name.startswith(UP_BLOCKS) == up]
+            mitigation = {**mitigation, "layers": chosen}
         started = time.perf_counter()
         evaluation = evaluate(
             model,
@@ -92,7 +105,7 @@ def main() -> None:
             steps=args.steps,
             per_group=args.per_group,
             seeds=args.seeds,
-            groups=GROUPS,
+            groups=groups,
             pipe=pipe,
             mitigation=mitigation,
             baseline=baseline,
