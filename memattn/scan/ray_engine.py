@@ -120,7 +120,7 @@ def batches_of(table: pa.Table) -> Iterator[Batch]:
 
 def score_records(scorer: Any, table: pa.Table, settings: ScanSettings, version: str) -> list[dict[str, Any]]:
     """Output rows of every fixed batch in ``table``: one pipeline call per batch (as the local engine)."""
-    from memattn.scan import score_batch
+    from memattn.scan.run import score_batch
 
     rows: list[dict[str, Any]] = []
     for batch in batches_of(table):
