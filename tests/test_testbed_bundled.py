@@ -130,6 +130,7 @@ def test_cli_report_and_info_on_the_bundled_model(tmp_path):
     assert list(summary["groups"]) == list(OBJECT_GROUPS)
     assert set(summary["mitigation"]) == {"settings", "plain", "mitigated"}
     assert summary["headline"]["best_step1_score"] in (
+        "e_preregistered",
         "wen_step1",
         "minus_bos_share_step0",
         "summary_share_step0",
