@@ -56,8 +56,11 @@ class Step1:
         """The paper's E per image in ``layer`` (default: the paper's layer)."""
         return scores.score_e(self.record, layer).numpy().astype(np.float64)
 
-    def score(self, kind: str, layer: int | str | None = None) -> np.ndarray:
-        """The score a guard threshold applies to: ``"e"`` (in ``layer``) or ``"wen"``; finite or refused."""
+    def score(self, kind: str, layer: int | str | None = None, *, finite: bool = True) -> np.ndarray:
+        """The score a guard threshold applies to: ``"e"`` (in ``layer``) or ``"wen"``.
+
+        ``finite`` refuses NaN/inf (a guard must not decide on one); a scan passes False and records it.
+        """
         check_kind(kind)
         if kind == "e":
             values = self.e(layer)
@@ -68,7 +71,7 @@ class Step1:
             )
         else:
             values = np.asarray(self.wen, dtype=np.float64)
-        if not np.isfinite(values).all():
+        if finite and not np.isfinite(values).all():
             raise MemattnError("a step-1 score is NaN or infinite (fp16 overflow?); run the model in fp32")
         return values
 

@@ -33,11 +33,10 @@ from memattn.finetune import (
     untrained_testbed,
 )
 from memattn.finetune_command import cli_args, register
-from memattn.testbed.model import ModelConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import HANG_GUARD_S
-from test_testbed_train import TINY  # noqa: E402  (the testbed tests' tiny recipe)
+from test_testbed_train import TINY, TINY_OBJECTS  # noqa: E402  (the testbed tests' tiny recipes)
 
 UNET = Path("pipeline") / "unet" / "diffusion_pytorch_model.safetensors"
 
@@ -78,20 +77,9 @@ def test_none_reproduces_the_testbed_trainer_bit_for_bit(plain, tmp_path):
 def test_none_reproduces_the_v2_trainer_bit_for_bit_with_its_pretrained_encoder(tmp_path):
     """Testbed v2 (objects on random backgrounds, the EOS-copy encoder pre-trained then frozen): the
     base that ``untrained_testbed`` exports carries the pre-trained encoder, so finetune replays it."""
-    from memattn.testbed.objects import ObjectsConfig
-    from memattn.testbed.train import OBJECTS_FAST, train
+    from memattn.testbed.train import train
 
-    recipe = replace(
-        OBJECTS_FAST,
-        steps=4,
-        batch_size=8,
-        checkpoint_every=2,
-        classifier_steps=5,
-        text_pretrain_steps=2,
-        text_pretrain_batch=16,
-        data=ObjectsConfig(matching_items_per_count=2, matching_counts=(8,), seen_once=16, never_seen=4),
-        model=ModelConfig(block_out_channels=(32, 32, 32), text_hidden=32, text_layers=1),
-    )
+    recipe = TINY_OBJECTS
     base = untrained_testbed(recipe, tmp_path / "base")
     finetune(from_testbed_recipe(recipe, base, tmp_path / "tuned"), command="test")
     train(recipe, tmp_path / "trained", progress=False)

@@ -69,3 +69,5 @@ def test_a_non_finite_score_is_refused(sd1_pipe):
     step1.wen = np.array([1.0, np.nan])
     with pytest.raises(MemattnError, match="NaN or infinite"):
         step1.score("wen")
+    kept = step1.score("wen", finite=False)  # a scan records it (a NaN is never above a threshold)
+    assert np.isnan(kept[1]) and not (kept > 0.5)[1]

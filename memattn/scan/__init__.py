@@ -7,13 +7,23 @@ Parquet parts and refuses to mix settings); input reading is ``inputs``, output 
 
 from memattn.scan.inputs import count_rows, iter_prompts
 from memattn.scan.run import ScanSummary, read_results, scan, score_batch
-from memattn.scan.schema import MANIFEST_FILE, MAX_PROMPT_BYTES, SCHEMA, TEMP_PREFIX, ScanSettings
+from memattn.scan.schema import (
+    ENGINES,
+    MANIFEST_FILE,
+    MAX_PROMPT_BYTES,
+    SCHEMA,
+    SCHEMA_VERSION,
+    TEMP_PREFIX,
+    ScanSettings,
+)
 from memattn.scan.scoring import load_calibration
 
 __all__ = [
+    "ENGINES",
     "MANIFEST_FILE",
     "MAX_PROMPT_BYTES",
     "SCHEMA",
+    "SCHEMA_VERSION",
     "TEMP_PREFIX",
     "ScanSettings",
     "ScanSummary",

@@ -52,12 +52,7 @@ from memattn.scan.output import (
 )
 from memattn.scan.schema import (
     ENGINES,
-    MANIFEST_FILE,
-    MAX_PROMPT_BYTES,
-    SCHEMA,
-    SCHEMA_VERSION,
     SCORE_COLUMNS,
-    TEMP_PREFIX,
     ScanSettings,
 )
 from memattn.scan.scoring import (
@@ -255,9 +250,7 @@ def scan(
                 writer.flush()
             if isinstance(error, KeyboardInterrupt):
                 kept = read_parts(out)[0].rows
-                raise Interrupted(
-                    f"{kept} rows kept in {out}; rerun the same command to resume"
-                ) from None
+                raise Interrupted(f"{kept} rows kept in {out}; rerun the same command to resume") from None
             raise
         finally:
             scored.close()  # stops the engine (Ray: its actors, and a cluster it started)
@@ -316,20 +309,3 @@ def read_results(out: str | Path, columns: list[str] | None = None) -> pa.Table:
     """All rows of a scan, sorted by input row."""
     table = pq.read_table(Path(out), columns=columns)
     return table.sort_by("row") if "row" in table.column_names else table
-
-
-__all__ = [
-    "ENGINES",
-    "MANIFEST_FILE",
-    "MAX_PROMPT_BYTES",
-    "SCHEMA",
-    "SCHEMA_VERSION",
-    "TEMP_PREFIX",
-    "ScanSettings",
-    "ScanSummary",
-    "count_rows",
-    "iter_prompts",
-    "load_calibration",
-    "read_results",
-    "scan",
-]

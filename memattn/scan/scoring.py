@@ -147,7 +147,9 @@ class BatchScorer:
         d = scores.score_d(record).tolist() if s.full else [None] * len(prompts)
         combined = self._combined(features, names)
         flag_scores = (
-            None if self.calibration is None else step1.score(self.calibration.score, self._flag_layer())
+            None
+            if self.calibration is None
+            else step1.score(self.calibration.score, self._flag_layer(), finite=False)  # NaN: not flagged
         )
         triggers = scores.trigger_tokens(record, k=s.top_k) if s.top_k else [[] for _ in prompts]
         rows = []
