@@ -10,8 +10,12 @@ guard, attribute alignment of clean generations, the largest change of an unflag
 the stream's wall time relative to the unguarded pipeline (measured in the same run), and the AUC of the
 step-1 score on the stream (memorized vs clean).
 
+``--edit`` picks what the guard does to flagged rows: ``paper`` (C = 1.25, padding masked; the
+default), ``c8`` (C = 8, padding masked) or ``eos`` (C = 1.25, padding and EOS masked), the edits of the
+mitigation sweep; ``--scores`` limits which step-1 scores are run.
+
 Usage: .venv/bin/python benchmarks/guard_stream.py [--model testbed|testbed-detail] [--layer NAME]
-       [--steps 25] [--guidance 2] [--json F]
+       [--steps 25] [--guidance 2] [--edit paper|c8|eos] [--scores e,wen,layer] [--json F]
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from memattn.attention.edit import PAPER_C
 from memattn.guard import Guard, threshold_at_fpr
 from memattn.loading import load_pipeline, resolve_model
 from memattn.metrics import detection_metrics
@@ -33,6 +38,12 @@ from memattn.step1 import score_step1
 from memattn.testbed.alignment import CLASSIFIER_FILE, alignment, load_classifier
 from memattn.testbed.evaluate import dataset_for, scene_of
 from memattn.testbed.measures import DetailMatcher, OwnImageMatcher, copy_threshold_for
+
+EDITS = {
+    "paper": {"c": PAPER_C},
+    "c8": {"c": 8.0},
+    "eos": {"c": PAPER_C, "mask_eos": True},
+}
 
 
 def main() -> None:
@@ -42,6 +53,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--model", default="testbed", help="testbed (v2), testbed-detail (v1) or a directory")
     parser.add_argument("--layer", help="also guard with E in this layer (name or index)")
+    parser.add_argument("--edit", choices=sorted(EDITS), default="paper", help="the edit of flagged rows")
+    parser.add_argument("--scores", default="e,wen,layer", help="comma list of e, wen, layer (--layer's E)")
     args = parser.parse_args()
     print(f"$ {' '.join(sys.argv)}")
     print(f"machine: {platform.platform()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
@@ -102,7 +115,13 @@ def main() -> None:
     results = {
         "plain": {"seconds": plain_seconds, "copy_rate_memorized": float(plain_copies[is_memorized].mean())}
     }
-    guards = [("e", None), ("wen", None)] + ([("e", args.layer)] if args.layer else [])
+    wanted = set(args.scores.split(","))
+    if not wanted <= {"e", "wen", "layer"} or ("layer" in wanted and not args.layer and len(wanted) == 1):
+        parser.error("--scores takes a comma list of e, wen, layer (layer needs --layer)")
+    guards = [(s, None) for s in ("e", "wen") if s in wanted]
+    guards += [("e", args.layer)] if args.layer and "layer" in wanted else []
+    print(f"edit of flagged rows: {args.edit} {EDITS[args.edit]}")
+    results["edit"] = {"name": args.edit, **EDITS[args.edit]}
     for score, layer in guards:
         clean_scores = np.concatenate(
             [
@@ -119,7 +138,9 @@ def main() -> None:
         )
         threshold = threshold_at_fpr(clean_scores, 0.01)
         for mode in ("continue", "restart"):
-            guard = Guard(pipe, threshold=threshold, score=score, mode=mode, layer=layer)
+            guard = Guard(
+                pipe, threshold=threshold, score=score, mode=mode, layer=layer, mitigation=EDITS[args.edit]
+            )
             started = time.perf_counter()
             outputs = [guard(prompts, generator=g, **kwargs) for prompts, g in batches()]
             seconds = time.perf_counter() - started
