@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/python -m memattn.demo
+	$(BIN)/python -m memattn.cli.demo
 
 # Headless Chromium for the report's browser test (Debian package; needs root or sudo).
 chromium:

@@ -1,5 +1,5 @@
 """Seconds of `bench detect`'s bootstrap confidence intervals: scikit-learn per resample vs memattn's
-exact numpy ROC (``memattn.metrics.bootstrap_auc_and_tpr``), side by side on the same resamples.
+exact numpy ROC (``memattn.detection.metrics.bootstrap_auc_and_tpr``), side by side on the same resamples.
 
 Both arms draw the same resamples (one seeded generator each, same order), so their CIs must be equal;
 the script checks that and prints the time of each and the ratio.
@@ -16,7 +16,7 @@ import time
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from memattn.metrics import bootstrap_auc_and_tpr, tpr_at_fpr
+from memattn.detection.metrics import bootstrap_auc_and_tpr, tpr_at_fpr
 
 
 def intervals(values: np.ndarray, labels: np.ndarray, n_boot: int, fast: bool) -> list[float]:
@@ -54,8 +54,10 @@ def main() -> None:
         seconds[fast] = time.perf_counter() - began
     np.testing.assert_allclose(results[True], results[False], rtol=0, atol=1e-12)
     print(f"{platform.machine()}, {args.scores} scores x {args.prompts} prompts x {args.n_boot} resamples")
-    print(f"scikit-learn per resample: {seconds[False]:.1f} s; numpy ROC: {seconds[True]:.1f} s; "
-          f"ratio {seconds[False] / seconds[True]:.0f}x; CIs equal")
+    print(
+        f"scikit-learn per resample: {seconds[False]:.1f} s; numpy ROC: {seconds[True]:.1f} s; "
+        f"ratio {seconds[False] / seconds[True]:.0f}x; CIs equal"
+    )
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ Arms, each scoring the same batch of prompts (fresh seeds, ``output_type="latent
   end-token maps;
 - ``BE (official, 2 passes)``: the official code's cost, two full generations (the first for the mask).
 Rounds rotate the arm order after one warm-up each; medians and ratios to step-1 are printed.
-Models: the bundled testbed and an SD1-architecture pipeline with random weights (``memattn.tiny``).
+Models: the bundled testbed and an SD1-architecture pipeline with random weights (``memattn.testing``).
 
 Usage: .venv/bin/python benchmarks/detect_cost.py [--rounds 3] [--steps 50] [--quick] [--json F]
 """
@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 import memattn
-from memattn.detectors import BE_LAYERS, NoiseDifference, bright_ending, step1_features
+from memattn.detection.baselines import BE_LAYERS, NoiseDifference, bright_ending, step1_features
+from memattn.detection.step1 import stop_after_first_step
 from memattn.loading import BUNDLED_TESTBED, load_pipeline
-from memattn.step1 import stop_after_first_step
-from memattn.tiny import tiny_pipeline
+from memattn.testing import tiny_pipeline
 
 PROMPTS = (
     "a small red circle in the center on a gray background",
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
             "testbed (bundled)", load_pipeline(str(BUNDLED_TESTBED)), args.steps, 2.0, args.rounds
         ),
         "sd1_tiny": measure(
-            "SD1 architecture, random weights (memattn.tiny, 16x16 latents)",
+            "SD1 architecture, random weights (memattn.testing, 16x16 latents)",
             tiny_pipeline("sd1", seed=0, sample_size=16),
             args.steps,
             7.5,

@@ -42,7 +42,7 @@ from probe_overhead import machine as probe_machine  # noqa: E402  (benchmarks/ 
 
 import memattn
 from memattn.attention.layers import cross_attention_layers
-from memattn.tiny import sd1_unet
+from memattn.testing import sd1_unet
 
 # SD1.4's UNet (CompVis/stable-diffusion-v1-4, unet/config.json); all other settings are diffusers'
 # defaults, which match that config. 859,520,964 parameters.

@@ -31,10 +31,10 @@ import numpy as np
 import torch
 
 from memattn.attention.edit import PAPER_C
-from memattn.guard import Guard, threshold_at_fpr
+from memattn.detection.metrics import detection_metrics
+from memattn.detection.step1 import score_step1
 from memattn.loading import load_pipeline, resolve_model
-from memattn.metrics import detection_metrics
-from memattn.step1 import score_step1
+from memattn.mitigation.guard import Guard, threshold_at_fpr
 from memattn.testbed.alignment import CLASSIFIER_FILE, alignment, load_classifier
 from memattn.testbed.evaluate import dataset_for, scene_of
 from memattn.testbed.measures import DetailMatcher, OwnImageMatcher, copy_threshold_for

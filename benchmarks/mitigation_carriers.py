@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from memattn.loading import BUNDLED_TESTBED, load_pipeline
-from memattn.mitigation import Mitigation
+from memattn.mitigation.cross_attention import Mitigation
 from memattn.testbed import data
 from memattn.testbed.evaluate import dataset_for, evaluate, mitigation_measures
 
@@ -81,6 +81,7 @@ def paraphraser():
         return out
 
     return rewrite
+
 
 STEPS = 25
 SUMMARY = {"c": 1.0, "mask_eos": True}  # EOS and padding masked

@@ -1,14 +1,14 @@
 """Wall time of the mitigation and the guard relative to plain generation, measured side by side.
 
 Arms, each a full ``pipe(...)`` call on an SD1-architecture pipeline with random weights
-(``memattn.tiny``), run in a rotating order every round after one warm-up each:
+(``memattn.testing``), run in a rotating order every round after one warm-up each:
 - ``plain``: the unmodified pipeline;
 - ``mitigate``: ``memattn.mitigate(pipe, c=1.25)`` (padding mask + BOS x C on every step and layer);
 - ``guard, clean``: ``Guard(threshold=+inf)``: step-1 scoring, nothing flagged (a clean stream);
 - ``guard, flagged``: ``Guard(threshold=-inf, mode="continue")``: every image edited from step 2;
 - ``guard, restart``: ``Guard(threshold=-inf, mode="restart")``: every image generated twice;
-- with ``--methods``: every other method of ``memattn.methods`` at its default strength (``wen`` at target 0:
-  always its 10 optimisation steps, the worst case).
+- with ``--methods``: every other method of ``memattn.mitigation.registry`` at its default strength
+  (``wen`` at target 0: always its 10 optimisation steps, the worst case).
 Prints median seconds and the median of per-round ratios to plain; ``--quick`` is a CI smoke run.
 """
 
@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 import memattn
-from memattn.guard import Guard
-from memattn.methods import METHODS, prepare
-from memattn.tiny import tiny_pipeline
+from memattn.mitigation.guard import Guard
+from memattn.mitigation.registry import METHODS, prepare
+from memattn.testing import tiny_pipeline
 
 PROMPTS = ("a photo of an astronaut riding a horse on mars", "an oil painting of a lighthouse at dusk")
 
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="16x16 latents, 2 steps, 2 rounds")
-    parser.add_argument("--methods", action="store_true", help="also every method of memattn.methods")
+    parser.add_argument("--methods", action="store_true", help="also every registered method")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     if args.quick:

@@ -28,7 +28,7 @@ UP_BLOCKS = "up_blocks"  # a layer window: the decoder's cross-attention layers 
 
 
 def baseline_settings() -> list[tuple[str, dict | None, dict | None]]:
-    """Every other method of ``memattn.methods`` at its published default and a few strengths.
+    """Every other method of ``memattn.mitigation.registry`` at its published default and a few strengths.
 
     Wen's target loss is set relative to this testbed's step-1 noise norms (clean prompts: median ≈ 15,
     5th percentile ≈ 6 at guidance 2), since their 3 is a value for SD1's latents.

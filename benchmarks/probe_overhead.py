@@ -2,7 +2,7 @@
 
 The probe recomputes ``softmax(QKᵀ/√d)`` of every cross-attention layer for the conditional rows (SDPA
 never exposes probabilities), so it costs extra work per step. This script measures that cost end to end
-on an SD1-architecture pipeline with random weights (``memattn.tiny``): full ``pipe(...)`` calls without
+on an SD1-architecture pipeline with random weights (``memattn.testing``): full ``pipe(...)`` calls without
 and with the probe, interleaved in alternating order (ABBA...) so that drift and other load on the machine
 hit both sides alike, after one warm-up of each. It also checks that images are identical and reports the
 record's size per image.
@@ -29,7 +29,7 @@ import torch
 import memattn.attention.layers
 import memattn.attention.recorder
 import memattn.attention.trace
-from memattn.tiny import tiny_pipeline
+from memattn.testing import tiny_pipeline
 
 PROMPTS = (
     "a photo of an astronaut riding a horse on mars",

@@ -60,15 +60,20 @@ def run(name: str, out: Path, resume_from: Path | None) -> dict:
         "text_encoder_pretraining": manifest["text_encoder_pretraining"],
         "sink_log": manifest["sink_log"],
         "groups": summary["groups"],
-        "detection_auc": {k: v["auc"] if isinstance(v, dict) else v
-                          for k, v in summary["detection_vs_non_memorized"].items()},
+        "detection_auc": {
+            k: v["auc"] if isinstance(v, dict) else v
+            for k, v in summary["detection_vs_non_memorized"].items()
+        },
         "detection_auc_by_negative_group": summary["detection_auc_by_negative_group"],
         "layers": summary["cross_attention_layers"],
     }
     (out / f"{name}.json").write_text(json.dumps(result, indent=1))
     last = manifest["sink_log"][-1]
-    print(f"{name}: {seconds:.0f} s; BOS share (seen once) per layer at step {last['step']}: "
-          f"{last['seen_once']['bos_share']}; AUCs {result['detection_auc']}", flush=True)
+    print(
+        f"{name}: {seconds:.0f} s; BOS share (seen once) per layer at step {last['step']}: "
+        f"{last['seen_once']['bos_share']}; AUCs {result['detection_auc']}",
+        flush=True,
+    )
     return result
 
 

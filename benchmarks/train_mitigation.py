@@ -1,6 +1,6 @@
 """Training-time mitigation on the testbed: every rule, same seed, data and budget.
 
-Every run starts from the same untrained testbed model (``memattn.finetune.untrained_testbed``: exactly
+Every run starts from the same untrained testbed model (``memattn.training.untrained_testbed``: exactly
 what ``memattn testbed train`` starts from) and trains on the recipe's data — heavy duplication: in
 the fast recipe 4 items × 128 copies and 4 × 32 plus 2 templates × 32 copies are 62 % of the 1,144
 training pairs — with the recipe's hyperparameters through ``memattn finetune`` (``--mitigation none``
@@ -50,19 +50,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from memattn.finetune import (
+from memattn.cli.finetune import cli_args
+from memattn.quiet import quiet_loading
+from memattn.testbed.data import MEMORIZED_GROUPS, TestbedConfig
+from memattn.testbed.model import ModelConfig
+from memattn.testbed.objects import ObjectsConfig
+from memattn.testbed.train import DETAIL, DETAIL_FAST, OBJECTS, OBJECTS_FAST, TrainConfig
+from memattn.training import (
     MitigationConfig,
     finetune,
     from_testbed_recipe,
     read_log,
     untrained_testbed,
 )
-from memattn.finetune_command import cli_args
-from memattn.quiet import quiet_loading
-from memattn.testbed.data import MEMORIZED_GROUPS, TestbedConfig
-from memattn.testbed.model import ModelConfig
-from memattn.testbed.objects import ObjectsConfig
-from memattn.testbed.train import DETAIL, DETAIL_FAST, OBJECTS, OBJECTS_FAST, TrainConfig
 
 QUICK = TrainConfig(
     steps=8,
@@ -353,7 +353,7 @@ def overhead(
     rounds: int,
 ) -> dict[str, Any]:
     """Per-step wall time of every rule, timed in interleaved rounds (rule order rotates each round)."""
-    from memattn.finetune import Finetuner
+    from memattn.training import Finetuner
 
     tuners = {}
     for name, mitigation in mitigations.items():

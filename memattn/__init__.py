@@ -5,17 +5,8 @@ from memattn._version import __version__
 from memattn.attention.record import AttentionRecord
 from memattn.attention.tokens import TokenLayout
 from memattn.attention.trace import Trace, trace
-from memattn.detect import detect
-from memattn.errors import (
-    LayoutError,
-    MemattnError,
-    ModelNotFoundError,
-    RecordError,
-    UnsupportedModelError,
-)
-from memattn.guard import Calibration, Guard
-from memattn.mitigation import Mitigation, mitigate
-from memattn.scores import (
+from memattn.detection.detect import detect
+from memattn.detection.scores import (
     entropy_curve,
     layer_entropy_curves,
     score_d,
@@ -24,6 +15,15 @@ from memattn.scores import (
     token_mass,
     trigger_tokens,
 )
+from memattn.errors import (
+    LayoutError,
+    MemattnError,
+    ModelNotFoundError,
+    RecordError,
+    UnsupportedModelError,
+)
+from memattn.mitigation.cross_attention import Mitigation, mitigate
+from memattn.mitigation.guard import Calibration, Guard
 
 __all__ = [
     "AttentionRecord",

@@ -178,14 +178,25 @@ def load_page(
         # other's source. No preexec_fn: it is unsafe in a process with threads (torch's, pytest's).
         to_child_r, from_child_w = (_high_fd(to_child_r), _high_fd(from_child_w))
         command = [
-            shutil.which("bash") or "/bin/bash", "-c", f'exec "$@" 3<&{to_child_r} 4>&{from_child_w}', "bash",
-            binary, *FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}", "about:blank",
+            shutil.which("bash") or "/bin/bash",
+            "-c",
+            f'exec "$@" 3<&{to_child_r} 4>&{from_child_w}',
+            "bash",
+            binary,
+            *FLAGS,
+            f"--user-data-dir={profile}",
+            f"--window-size={width},{height}",
+            "about:blank",
         ]
         log = Path(profile).parent / f"{Path(profile).name}.log"
         with log.open("wb") as stderr:
             process = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
-                pass_fds=(to_child_r, from_child_w), start_new_session=True,
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=stderr,
+                stderr=stderr,
+                pass_fds=(to_child_r, from_child_w),
+                start_new_session=True,
             )
         os.close(to_child_r)
         os.close(from_child_w)
@@ -211,8 +222,15 @@ def load_page(
 
 
 def _drive(
-    pipe: _Pipe, url: str, result: PageResult, deadline: float, width: int, height: int, settle: float,
-    evaluate: str | None, screenshot: str | Path | None,
+    pipe: _Pipe,
+    url: str,
+    result: PageResult,
+    deadline: float,
+    width: int,
+    height: int,
+    settle: float,
+    evaluate: str | None,
+    screenshot: str | Path | None,
 ) -> None:
     target = pipe.call("Target.createTarget", {"url": "about:blank"}, None, deadline)["targetId"]
     session = pipe.call("Target.attachToTarget", {"targetId": target, "flatten": True}, None, deadline)[

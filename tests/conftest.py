@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from memattn.tiny import tiny_pipeline
+from memattn.testing import tiny_pipeline
 
 PROMPTS_DIR = Path(__file__).resolve().parents[1] / "data" / "prompts"
 # Subprocess and polling limits exist to catch hangs, not to time healthy runs: a busy 2-core laptop

@@ -7,14 +7,14 @@ import pytest
 import torch
 from conftest import generators
 
-from memattn.baselines import (
+from memattn.errors import MemattnError
+from memattn.mitigation.prompt import (
     embedding_noise,
     random_number_addition,
     random_token_addition,
     transform_prompts,
     vocabulary_words,
 )
-from memattn.errors import MemattnError
 
 PROMPT = "an old red barn in a snowy field at dusk"
 

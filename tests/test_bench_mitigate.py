@@ -13,8 +13,7 @@ import typer
 from PIL import Image
 from typer.testing import CliRunner
 
-import memattn.bench.mitigate_command  # noqa: F401  (registers the command on bench_app)
-from memattn.bench.app import bench_app
+from memattn.bench.image_measures import SSCD
 from memattn.bench.mitigate import (
     Setting,
     parse_methods,
@@ -23,9 +22,9 @@ from memattn.bench.mitigate import (
     settings_for,
 )
 from memattn.bench.pareto import pareto_front
+from memattn.cli.bench import bench_app
 from memattn.errors import MemattnError
-from memattn.image_measures import SSCD
-from memattn.methods import METHODS
+from memattn.mitigation.registry import METHODS
 
 TESTBED_COLUMNS = (
     "setting", "method", "strength", "seconds", "time_ratio", "copy_rate_128", "similarity_128",
@@ -62,7 +61,7 @@ def measures(tmp_path_factory, sd1_pipe):
     """A saved tiny SD1 pipeline, a TorchScript descriptor, a tiny CLIP directory and prompt files."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from memattn.tiny import clip_tokenizer
+    from memattn.testing import clip_tokenizer
 
     root = tmp_path_factory.mktemp("bench_mitigate")
     sd1_pipe.save_pretrained(root / "pipe")

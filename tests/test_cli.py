@@ -11,7 +11,7 @@ from conftest import HANG_GUARD_S
 from typer.testing import CliRunner
 
 from memattn.cli import app
-from memattn.tiny import tiny_pipeline
+from memattn.testing import tiny_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_detect_table_and_first_step_only(model_dir):
 
 
 def test_first_step_only_makes_one_unet_call(model_dir):
-    from memattn.detect import detect
+    from memattn.detection.detect import detect
     from memattn.loading import load_pipeline
 
     pipe = load_pipeline(str(model_dir))
@@ -63,7 +63,7 @@ def test_first_step_only_makes_one_unet_call(model_dir):
 
 
 def test_progress_per_step_and_the_users_pipeline_bar_left_alone(model_dir, capsys):
-    from memattn.detect import detect
+    from memattn.detection.detect import detect
     from memattn.loading import load_pipeline
 
     assert "disable" not in getattr(load_pipeline(str(model_dir)), "_progress_bar_config", {})
@@ -184,12 +184,16 @@ def test_an_unwritable_out_is_refused_before_the_work(args, tmp_path, model_dir)
     (``generate`` made its directory after generating, so the images were lost)."""
     (tmp_path / "p.txt").write_text("a dog\n")
     (tmp_path / "results").mkdir()
-    args = [a.replace("PROMPTS", str(tmp_path / "p.txt")).replace("RESULTS", str(tmp_path / "results"))
-            for a in args]
+    args = [
+        a.replace("PROMPTS", str(tmp_path / "p.txt")).replace("RESULTS", str(tmp_path / "results"))
+        for a in args
+    ]
     target = "/proc/memattn-out/x.html" if args[0] == "report" else "/proc/memattn-out"
     result = subprocess.run(
         [sys.executable, "-m", "memattn", *args, target, "--model", str(model_dir)],
-        capture_output=True, text=True, timeout=HANG_GUARD_S,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
     )
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: --out /proc/memattn-out") and "cannot be written" in result.stderr
@@ -199,10 +203,38 @@ def test_an_unwritable_out_is_refused_before_the_work(args, tmp_path, model_dir)
 def test_guidance_at_most_one_says_what_changes(model_dir):
     """``--guidance 0.5`` gave results identical to 1 without a word; now a note says why, and what is
     unavailable; the results stay those of guidance 1."""
-    low = CliRunner().invoke(app, ["detect", "a dog", "--model", str(model_dir), "--steps", "2",
-                                   "--scores", "e", "--json", "--guidance", "0.5"])
-    one = CliRunner().invoke(app, ["detect", "a dog", "--model", str(model_dir), "--steps", "2",
-                                   "--scores", "e", "--json", "--guidance", "1"])
+    low = CliRunner().invoke(
+        app,
+        [
+            "detect",
+            "a dog",
+            "--model",
+            str(model_dir),
+            "--steps",
+            "2",
+            "--scores",
+            "e",
+            "--json",
+            "--guidance",
+            "0.5",
+        ],
+    )
+    one = CliRunner().invoke(
+        app,
+        [
+            "detect",
+            "a dog",
+            "--model",
+            str(model_dir),
+            "--steps",
+            "2",
+            "--scores",
+            "e",
+            "--json",
+            "--guidance",
+            "1",
+        ],
+    )
     assert low.exit_code == 0 and one.exit_code == 0, low.output
     assert "guidance 0.5 <= 1 runs no unconditional branch" in low.stderr
     assert "noise-norm scores (Wen, bright ending) are unavailable" in low.stderr
@@ -211,12 +243,31 @@ def test_guidance_at_most_one_says_what_changes(model_dir):
 
 
 def test_generate_says_what_was_mitigated(model_dir, tmp_path):
-    result = cli("generate", "a dog", "--model", str(model_dir), "--steps", "2", "--method", "rta",
-                 "--out", str(tmp_path / "g"))
+    result = cli(
+        "generate",
+        "a dog",
+        "--model",
+        str(model_dir),
+        "--steps",
+        "2",
+        "--method",
+        "rta",
+        "--out",
+        str(tmp_path / "g"),
+    )
     assert result.returncode == 0, result.stderr
     assert "1 images in" in result.stdout and "every image mitigated by rta" in result.stdout
-    plain = cli("generate", "a dog", "hello " * 90, "--model", str(model_dir), "--steps", "2",
-                "--out", str(tmp_path / "p"))
+    plain = cli(
+        "generate",
+        "a dog",
+        "hello " * 90,
+        "--model",
+        str(model_dir),
+        "--steps",
+        "2",
+        "--out",
+        str(tmp_path / "p"),
+    )
     assert plain.returncode == 0 and "no mitigation" in plain.stdout
     assert plain.stderr.count("prompt truncated to 77 tokens") == 1 and "'hello hello" in plain.stderr
     assert "generate: 100%" in plain.stderr and "2/2" in plain.stderr  # per-step progress
@@ -225,13 +276,15 @@ def test_generate_says_what_was_mitigated(model_dir, tmp_path):
 def test_defaults_come_from_the_model_and_are_printed(model_dir):
     """The testbed is evaluated at 25 steps and guidance 2; the commands defaulted to 50 and 7.5 on it.
     Every run now prints the settings in effect and where they came from."""
-    testbed = CliRunner().invoke(app, ["detect", "a small red circle in the center", "--model", "testbed",
-                                       "--scores", "e", "--json"])
+    testbed = CliRunner().invoke(
+        app, ["detect", "a small red circle in the center", "--model", "testbed", "--scores", "e", "--json"]
+    )
     assert testbed.exit_code == 0, testbed.output
     announced = "settings: steps 25 (the testbed's evaluation setting), guidance 2 (the testbed's"
     assert announced in testbed.stderr
-    tiny = CliRunner().invoke(app, ["detect", "a dog", "--model", str(model_dir), "--scores", "e", "--json",
-                                    "--steps", "3"])
+    tiny = CliRunner().invoke(
+        app, ["detect", "a dog", "--model", str(model_dir), "--scores", "e", "--json", "--steps", "3"]
+    )
     assert "settings: steps 3 (given), guidance 7.5 (the paper's setting)" in tiny.stderr
 
 
@@ -259,7 +312,7 @@ def test_help_fits_80_columns_with_every_option_name_whole():
                 if name.startswith("-"):
                     assert name in result.output, (path, name)
                     checked += 1
-    assert checked > 150 and ('bench', 'mitigate') in paths  # every command, the groups' ones included
+    assert checked > 150 and ("bench", "mitigate") in paths  # every command, the groups' ones included
 
 
 def test_version():
@@ -273,8 +326,8 @@ def test_version():
 def test_tables_at_80_columns_never_cut_a_header_or_a_number(measured):
     from rich.console import Console
 
-    from memattn.bench.mitigate_command import COLUMN_FORMATS, _table
-    from memattn.console import print_table
+    from memattn.cli.bench_mitigate import COLUMN_FORMATS, _table
+    from memattn.cli.console import print_table
 
     keys = list(COLUMN_FORMATS)
     if measured == "testbed":  # what a testbed run measures (no SSCD, no CLIP)

@@ -14,10 +14,10 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 import memattn
 from memattn.bench.detect import analyse, collect, score_table, split_prompts
-from memattn.combined import CombinedDetector
-from memattn.detectors import NoiseDifference, bright_ending, end_token_map, step1_features
+from memattn.detection.baselines import NoiseDifference, bright_ending, end_token_map, step1_features
+from memattn.detection.combined import CombinedDetector
+from memattn.detection.metrics import tpr_at_fpr
 from memattn.errors import MemattnError, RecordError
-from memattn.metrics import tpr_at_fpr
 
 PROMPTS = ["an old red barn in a snowy field at dusk", "a cat"]
 
@@ -80,7 +80,7 @@ def test_step1_features_name_every_layer_and_the_shares(sd1_pipe):
     x, names = step1_features(record, noise.wen(1))
     assert x.shape == (2, 16 + 3) and names[:2] == ["e_layer0", "e_layer1"] and names[-1] == "wen_step1"
     np.testing.assert_allclose(x[:, 3], memattn.score_e(record, 3).numpy(), rtol=1e-6)
-    mean = memattn.scores.mean_attention(record)[0]
+    mean = memattn.detection.scores.mean_attention(record)[0]
     np.testing.assert_allclose(x[:, names.index("bos_share")], mean[:, 0].numpy(), rtol=1e-6)
 
 

@@ -23,7 +23,7 @@ from conftest import HANG_GUARD_S
 from typer.testing import CliRunner
 
 from memattn.cli import app
-from memattn.tiny import tiny_pipeline
+from memattn.testing import tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -72,8 +72,8 @@ def command_lines(block: Block) -> list[list[str]]:
     commands = []
     for raw in joined.splitlines():
         words = shlex.split(raw, comments=True)
-        if "memattn.finetune_command" in words:  # accelerate launch / torchrun -m memattn.finetune_command
-            words = ["memattn", *words[words.index("memattn.finetune_command") + 1 :]]
+        if "memattn.cli.finetune" in words:  # accelerate launch / torchrun -m memattn.cli.finetune
+            words = ["memattn", *words[words.index("memattn.cli.finetune") + 1 :]]
         if words and words[0] == "memattn":
             commands.append(words)
     return commands
@@ -187,7 +187,7 @@ PYTHON_PRELUDE = {
     # docs/training.md's loop, on a tiny UNet and one batch: the names the fragment leaves to the reader
     "training.md": """
 import torch
-from memattn.tiny import tiny_pipeline
+from memattn.testing import tiny_pipeline
 _pipe = tiny_pipeline("sd1", seed=0)
 unet = _pipe.unet
 with torch.no_grad():  # a frozen text encoder, as in the loops the filters are for

@@ -20,8 +20,9 @@ import typer
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from memattn.cli.finetune import cli_args, register
 from memattn.errors import Interrupted, MemattnError
-from memattn.finetune import (
+from memattn.training import (
     CHECKPOINTS,
     FinetuneConfig,
     Finetuner,
@@ -32,7 +33,6 @@ from memattn.finetune import (
     read_log,
     untrained_testbed,
 )
-from memattn.finetune_command import cli_args, register
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import HANG_GUARD_S
@@ -199,7 +199,7 @@ def test_resume_with_a_running_window_matches_an_uninterrupted_run(base, tmp_pat
 @pytest.mark.slow
 def test_sigkill_then_resume_latest_is_bit_exact(base, tmp_path):
     long = config(base, tmp_path / "killed", max_train_steps=30, checkpointing_steps=2)
-    command = [sys.executable, "-m", "memattn.finetune_command", "finetune", *cli_args(long), "--no-progress"]
+    command = [sys.executable, "-m", "memattn.cli.finetune", "finetune", *cli_args(long), "--no-progress"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + HANG_GUARD_S
     while (
@@ -222,10 +222,10 @@ def test_sigkill_then_resume_latest_is_bit_exact(base, tmp_path):
 
 
 def test_ctrl_c_finishes_the_step_checkpoints_it_and_says_how_to_resume(base, tmp_path):
-    from memattn.finetune import _kept_after_interrupt
+    from memattn.training import _kept_after_interrupt
 
     run = config(base, tmp_path / "stopped", max_train_steps=12, checkpointing_steps=1000)
-    command = [sys.executable, "-m", "memattn.finetune_command", "finetune", *cli_args(run), "--no-progress"]
+    command = [sys.executable, "-m", "memattn.cli.finetune", "finetune", *cli_args(run), "--no-progress"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     log = tmp_path / "stopped" / "log.jsonl"
     deadline = time.time() + HANG_GUARD_S
@@ -293,7 +293,7 @@ def test_missing_corrupt_and_foreign_checkpoints_are_clear_errors(base, tmp_path
 
 
 def test_a_crash_while_checkpointing_never_leaves_a_latest(base, tmp_path, monkeypatch):
-    import memattn.finetune as module
+    import memattn.training as module
 
     run = tmp_path / "run"
     finetune(config(base, run, max_train_steps=2))
@@ -380,7 +380,7 @@ def test_image_folder_data_through_the_typer_command(base, tmp_path):
     ],
 )
 def test_cli_args_round_trip_the_config(base, tmp_path, monkeypatch, mitigation):
-    import memattn.finetune as module
+    import memattn.training as module
 
     cfg = config(base, tmp_path, mitigation=mitigation, gradient_accumulation_steps=2)
     captured = {}
@@ -403,7 +403,7 @@ def test_cli_args_round_trip_the_config(base, tmp_path, monkeypatch, mitigation)
 def test_two_cpu_processes_gather_the_rule_and_resume_bit_exact(base, tmp_path):
     """`torchrun --nproc_per_node 2` on CPU (gloo): one log of both processes' samples, decisions taken on
     the gathered batch (as one process would on all 16), and a split + resumed run equal to a straight one."""
-    from memattn.train_filter import ThresholdRule
+    from memattn.training.filters import ThresholdRule
 
     mitigation = MitigationConfig(kind="entropy", z=0.5, min_samples=4)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
@@ -411,7 +411,7 @@ def test_two_cpu_processes_gather_the_rule_and_resume_bit_exact(base, tmp_path):
     def launch(out: Path, steps: int, resume: bool = False) -> None:
         cfg = config(base, out, mitigation=mitigation, max_train_steps=steps)
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-        command += ["-m", "memattn.finetune_command", "finetune", *cli_args(cfg), "--no-progress"]
+        command += ["-m", "memattn.cli.finetune", "finetune", *cli_args(cfg), "--no-progress"]
         command += ["--resume-from-checkpoint", "latest"] if resume else []
         done = subprocess.run(command, capture_output=True, text=True, timeout=HANG_GUARD_S, env=env)
         assert done.returncode == 0, done.stderr[-3000:]

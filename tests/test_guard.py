@@ -8,8 +8,8 @@ from conftest import generators
 
 import memattn
 from memattn.errors import MemattnError
-from memattn.guard import CALIBRATION_FILE, Calibration, Guard, threshold_at_fpr
 from memattn.loading import load_pipeline
+from memattn.mitigation.guard import CALIBRATION_FILE, Calibration, Guard, threshold_at_fpr
 
 PROMPTS = ["a dog", "an old red barn in a snowy field at dusk"]
 STEPS = 4
@@ -111,7 +111,7 @@ def test_wen_score_needs_guidance_and_calibration_loads_from_the_model_dir(sd1_p
 def test_a_calibrated_guard_refuses_other_settings_naming_both_values(sd1_pipe, tmp_path):
     """The threshold holds only where it was measured: step count (E is read at the first step's
     timestep), guidance (Wen), scheduler, resolution and dtype are checked on every call."""
-    from memattn.guard import call_settings
+    from memattn.mitigation.guard import call_settings
 
     settings = call_settings(sd1_pipe, {"num_inference_steps": STEPS, "guidance_scale": 7.5})
     side = sd1_pipe.unet.config.sample_size * sd1_pipe.vae_scale_factor

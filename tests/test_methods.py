@@ -1,5 +1,5 @@
 """The mitigation methods behind ``--method``: Kim & No's padding fixes, Wen's embedding optimisation,
-Jain's guidance schedules and the ``memattn.methods`` registry."""
+Jain's guidance schedules and the ``memattn.mitigation.registry`` registry."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from conftest import generators
 
 import memattn
 from memattn.attention.tokens import tokenize_layouts
-from memattn.baselines import padding_masking, padding_replacement
-from memattn.embedding_opt import embedding_optimization
 from memattn.errors import MemattnError
-from memattn.guidance_schedule import guidance_schedule
-from memattn.methods import DEFAULT_STRENGTH, prepare
+from memattn.mitigation.embedding_opt import embedding_optimization
+from memattn.mitigation.guidance import guidance_schedule
+from memattn.mitigation.prompt import padding_masking, padding_replacement
+from memattn.mitigation.registry import DEFAULT_STRENGTH, prepare
 
 PROMPTS = ["an old red barn in a snowy field at dusk", "a cat"]
 
@@ -136,7 +136,7 @@ def test_prepare_knows_every_method_and_rejects_bad_strengths(sd1_pipe):
 
 
 def test_the_registry_owns_each_methods_metadata():
-    from memattn.methods import METHODS, REGISTRY, get
+    from memattn.mitigation.registry import METHODS, REGISTRY, get
 
     assert tuple(REGISTRY) == METHODS and len(METHODS) == 10
     for name, method in REGISTRY.items():

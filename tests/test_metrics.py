@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from memattn.detection.metrics import detection_metrics, tpr_at_fpr
 from memattn.errors import MemattnError
-from memattn.metrics import detection_metrics, tpr_at_fpr
 
 
 def test_tpr_at_fpr_takes_the_best_point_at_or_below_the_fpr():
@@ -44,7 +44,7 @@ def test_bad_input_is_a_clear_error():
 def test_bootstrap_roc_equals_scikit_learn_with_ties_and_duplicates():
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    from memattn.metrics import bootstrap_auc_and_tpr, bootstrap_roc, tpr_at_fpr
+    from memattn.detection.metrics import bootstrap_auc_and_tpr, bootstrap_roc, tpr_at_fpr
 
     rng = np.random.default_rng(0)
     for trial in range(300):

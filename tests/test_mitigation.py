@@ -166,7 +166,7 @@ def test_step_and_layer_windows(sd1_pipe):
 def test_a_layer_means_the_same_in_mitigate_trace_and_scores(sd1_pipe):
     """Index, negative index, full name, ``.processor`` name and block name: one resolver for all."""
     from memattn.attention.layers import parse_layer
-    from memattn.mitigation import Mitigation
+    from memattn.mitigation.cross_attention import Mitigation
 
     with memattn.trace(sd1_pipe) as tr:
         generate(sd1_pipe, PROMPTS[:1], [0], steps=1)

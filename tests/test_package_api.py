@@ -13,9 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_every_name_the_docs_call_on_the_package_is_exported():
     """``memattn.Guard(pipe, ...)`` in the README raised AttributeError: the package did not export it."""
     texts = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-    used = {
-        name for path in texts for name in re.findall(r"\bmemattn\.([A-Za-z_]\w*)\(", path.read_text())
-    }
+    used = {name for path in texts for name in re.findall(r"\bmemattn\.([A-Za-z_]\w*)\(", path.read_text())}
     assert {"Guard", "trace", "mitigate"} <= used  # the check below reads real snippets
     missing = sorted(name for name in used if not hasattr(memattn, name))
     assert not missing, f"the docs call memattn.{missing} but the package does not export them"
@@ -56,7 +54,7 @@ def test_importing_the_figure_modules_leaves_the_callers_matplotlib_backend_alon
 
     code = (
         "import matplotlib; matplotlib.use('svg')\n"
-        "import memattn.report, memattn.testbed.report, memattn.bench.detect_command, memattn.bench.pareto\n"
+        "import memattn.report, memattn.testbed.report, memattn.cli.bench_detect, memattn.bench.pareto\n"
         "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend()\n"
         "import matplotlib.pyplot as plt; assert plt.get_fignums() == []\n"
     )

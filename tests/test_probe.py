@@ -11,7 +11,7 @@ import memattn
 from memattn.attention.layers import cross_attention_layers
 from memattn.attention.processor import CrossAttentionProbe
 from memattn.errors import LayoutError, RecordError, UnsupportedModelError
-from memattn.tiny import sd1_unet
+from memattn.testing import sd1_unet
 
 PROMPTS = [
     "a photo of an astronaut riding a horse on mars",
@@ -148,7 +148,7 @@ def test_scores_alone_and_inside_a_mixed_batch_of_8_agree(sd1_pipe):
 
 
 def test_bf16_pipeline_records_float32():
-    pipe = memattn.tiny.tiny_pipeline("sd1", seed=3, dtype=torch.bfloat16)
+    pipe = memattn.testing.tiny_pipeline("sd1", seed=3, dtype=torch.bfloat16)
     record, images = run(pipe, PROMPTS[:2], [0, 1], steps=2)
     assert record.attention.dtype == torch.float32
     assert torch.isfinite(record.attention).all()

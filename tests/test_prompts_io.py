@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from memattn.errors import MemattnError
-from memattn.prompts_io import read_prompts
+from memattn.prompts import read_prompts
 
 PROMPTS = ["a dog", 'a "quoted", comma prompt', "ünïcödé"]
 

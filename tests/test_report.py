@@ -21,9 +21,9 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from memattn.cli.report import register
 from memattn.errors import MemattnError
 from memattn.report import MANIFEST_FILE, highlight_segments, tokenization, write_scan_report
-from memattn.report_command import register
 from memattn.scan.schema import SCHEMA as SCAN_SCHEMA
 
 ARTIFACTS = Path(
@@ -62,11 +62,26 @@ def _row(row: int, prompt: str | None, memorized: bool, model: str, **overrides)
         {"token": w + "</w>", "position": i + 1, "share": 0.3 - 0.1 * i} for i, w in enumerate(words[:2])
     ]
     values = {
-        "row": row, "prompt": prompt, "prompt_sha256": f"{row:064x}", "seed": 100 + row, "status": "ok",
-        "reason": None, "score_e": score, "wen_step1": 2 * score + 0.1, "bos_share": 0.5 - 0.1 * score,
-        "summary_share": 0.3, "e_layers": [score, score / 2], "score_d": None, "flagged": score > THRESHOLD,
-        "threshold": THRESHOLD, "trigger_tokens": triggers, "n_tokens": len(words) + 2, "truncated": False,
-        "model": model, "memattn_version": "0.1.0", "label": int(memorized),
+        "row": row,
+        "prompt": prompt,
+        "prompt_sha256": f"{row:064x}",
+        "seed": 100 + row,
+        "status": "ok",
+        "reason": None,
+        "score_e": score,
+        "wen_step1": 2 * score + 0.1,
+        "bos_share": 0.5 - 0.1 * score,
+        "summary_share": 0.3,
+        "e_layers": [score, score / 2],
+        "score_d": None,
+        "flagged": score > THRESHOLD,
+        "threshold": THRESHOLD,
+        "trigger_tokens": triggers,
+        "n_tokens": len(words) + 2,
+        "truncated": False,
+        "model": model,
+        "memattn_version": "0.1.0",
+        "label": int(memorized),
     }
     values.update(overrides)
     return values
@@ -75,10 +90,33 @@ def _row(row: int, prompt: str | None, memorized: bool, model: str, **overrides)
 def build_rows(model: str = "testbed") -> list[dict]:
     rows = [_row(i, p, True, model) for i, p in enumerate(MEMORIZED)]
     rows += [_row(len(rows) + i, p, False, model) for i, p in enumerate(CLEAN)]
-    skipped = dict.fromkeys(("score_e", "wen_step1", "bos_share", "summary_share", "e_layers", "flagged",
-                             "threshold", "trigger_tokens", "n_tokens", "truncated", "label"))
-    rows.append(_row(len(rows), None, False, model, status="skipped", reason="not valid UTF-8 (invalid start "
-                     "byte at byte 0)", prompt_sha256=None, **skipped))
+    skipped = dict.fromkeys(
+        (
+            "score_e",
+            "wen_step1",
+            "bos_share",
+            "summary_share",
+            "e_layers",
+            "flagged",
+            "threshold",
+            "trigger_tokens",
+            "n_tokens",
+            "truncated",
+            "label",
+        )
+    )
+    rows.append(
+        _row(
+            len(rows),
+            None,
+            False,
+            model,
+            status="skipped",
+            reason="not valid UTF-8 (invalid start byte at byte 0)",
+            prompt_sha256=None,
+            **skipped,
+        )
+    )
     rows.append(_row(len(rows), "   ", False, model, status="skipped", reason="empty prompt", **skipped))
     return rows
 
@@ -100,8 +138,9 @@ def write_scan_dir(path: Path, rows: list[dict]) -> Path:
 def testbed_report(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("report")
     results = write_scan_dir(base / "results", build_rows())
-    return write_scan_report(results, base / "out" / "report.html", model="testbed", top=20, maps=2, steps=4,
-                             progress=False)
+    return write_scan_report(
+        results, base / "out" / "report.html", model="testbed", top=20, maps=2, steps=4, progress=False
+    )
 
 
 def _unmarked(html: str) -> str:
@@ -145,8 +184,15 @@ def test_highlight_segments_by_token_position():
 
 def test_report_with_testbed_regenerations(testbed_report):
     html = testbed_report.read_text()
-    for section in ('id="summary"', 'id="scores"', 'id="detection"', 'id="top"', 'id="maps"', 'id="entropy"',
-                    'id="skipped"'):
+    for section in (
+        'id="summary"',
+        'id="scores"',
+        'id="detection"',
+        'id="top"',
+        'id="maps"',
+        'id="entropy"',
+        'id="skipped"',
+    ):
         assert section in html
     assert "Not available" not in html
     assert "Regeneration failed" not in html
@@ -190,8 +236,9 @@ def test_report_without_model_says_why(tmp_path):
     assert "data:image/png;base64," in html  # histograms and ROC need no model
     html = write_scan_report(results, tmp_path / "b.html", model="none", progress=False).read_text()
     assert html.count("Not available: no model was given") == 2
-    html = write_scan_report(results, tmp_path / "c.html", model=str(tmp_path / "missing"), maps=1,
-                             progress=False).read_text()
+    html = write_scan_report(
+        results, tmp_path / "c.html", model=str(tmp_path / "missing"), maps=1, progress=False
+    ).read_text()
     assert html.count("could not be loaded") == 2
 
 
@@ -205,8 +252,10 @@ def test_report_when_regeneration_fails(tmp_path):
 
 
 def test_report_without_labels_or_threshold(tmp_path):
-    rows = [{k: v for k, v in r.items() if k != "label"} | {"flagged": None, "threshold": None}
-            for r in build_rows()]
+    rows = [
+        {k: v for k, v in r.items() if k != "label"} | {"flagged": None, "threshold": None}
+        for r in build_rows()
+    ]
     schema = pa.schema([f for f in SCHEMA if f.name != "label"])
     results = tmp_path / "results.parquet"
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), results)
@@ -219,10 +268,12 @@ def test_report_without_labels_or_threshold(tmp_path):
 def test_report_of_a_real_scan(tmp_path):
     """The Parquet parts `memattn scan` writes (its own schema), reported with the testbed."""
     import memattn.scan as scan  # a broken import must fail, not skip
+
     prompts = tmp_path / "prompts.txt"
     prompts.write_bytes("\n".join([*MEMORIZED[:4], *CLEAN[:3], "", SCRIPT]).encode() + b"\n\xff\xfe\n")
-    summary = scan.scan(prompts, tmp_path / "scan", scan.ScanSettings(model="testbed", steps=4, batch_size=5),
-                        progress=False)
+    summary = scan.scan(
+        prompts, tmp_path / "scan", scan.ScanSettings(model="testbed", steps=4, batch_size=5), progress=False
+    )
     assert summary.rows == 10 and summary.skipped == 2
     page = write_scan_report(tmp_path / "scan", tmp_path / "r.html", maps=1, progress=False)
     html = page.read_text()
@@ -264,7 +315,6 @@ def test_report_command(tmp_path):
 
 
 # ---- real headless Chromium ------------------------------------------------------------------------------
-
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ import typer
 from conftest import HANG_GUARD_S
 from typer.testing import CliRunner
 
+from memattn.cli.scan import register
 from memattn.errors import Interrupted, MemattnError
 from memattn.scan import (
     MANIFEST_FILE,
@@ -33,7 +34,6 @@ from memattn.scan import (
     read_results,
     scan,
 )
-from memattn.scan_command import register
 from memattn.testbed.data import BACKGROUNDS, COLORS, PHRASINGS, POSITIONS, SHAPES, SIZES, caption_for
 
 # The main CLI registers the command itself; here a local app stands in for it (and maps errors as
@@ -41,7 +41,7 @@ from memattn.testbed.data import BACKGROUNDS, COLORS, PHRASINGS, POSITIONS, SHAP
 CLI = """
 import typer
 from memattn.errors import run_cli
-from memattn.scan_command import register
+from memattn.cli.scan import register
 app = typer.Typer(); app.callback()(lambda: None); register(app)
 run_cli(app)
 """
@@ -217,7 +217,7 @@ def test_every_format_gives_the_same_rows(tmp_path, pipe):
 
 
 def test_scan_matches_memattn_detect(tmp_path, pipe):
-    from memattn.detect import detect
+    from memattn.detection.detect import detect
 
     prompts = synthetic_prompts(10, seed=3)
     (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
@@ -249,7 +249,7 @@ def test_over_long_prompts_truncate_or_skip(tmp_path, pipe):
 
 
 def test_full_adds_score_d_and_keeps_step1_scores(tmp_path, pipe):
-    from memattn.detect import detect
+    from memattn.detection.detect import detect
 
     prompts = synthetic_prompts(3, seed=5)
     (tmp_path / "p.txt").write_text("\n".join(prompts))
@@ -343,8 +343,8 @@ def test_resume_refuses_other_settings(tmp_path, pipe):
 
 
 def test_calibration_next_to_the_model_sets_flagged(tmp_path, pipe):
-    from memattn.guard import CALIBRATION_FILE, Calibration
     from memattn.loading import BUNDLED_TESTBED
+    from memattn.mitigation.guard import CALIBRATION_FILE, Calibration
 
     model = tmp_path / "model"
     shutil.copytree(BUNDLED_TESTBED, model)

@@ -193,7 +193,7 @@ def test_command_passes_the_ray_options(tmp_path, ray_cluster):
     import typer
     from typer.testing import CliRunner
 
-    from memattn.scan_command import register
+    from memattn.cli.scan import register
 
     app = typer.Typer()
     app.callback()(lambda: None)

@@ -10,8 +10,8 @@ from conftest import generators
 import memattn
 from memattn.attention.record import AttentionRecord
 from memattn.attention.tokens import TokenLayout
+from memattn.detection.scores import entropy, last_steps, layer_entropy_curves, token_mass
 from memattn.errors import RecordError
-from memattn.scores import entropy, last_steps, layer_entropy_curves, token_mass
 
 PROMPTS = ["a photo of an astronaut riding a horse on mars", "a dog", "hello " * 90]
 
@@ -92,7 +92,7 @@ def test_truncated_prompt_has_only_the_eos_as_summary_and_no_nan(sd1_record):
     layout = sd1_record.layouts[2]
     assert layout.truncated and layout.eos_index == 76 and len(layout.padding_span) == 0
     summary = memattn.summary_entropy_curve(sd1_record)[:, 2]
-    p = memattn.scores.mean_attention(sd1_record)[:, 2, 76]
+    p = memattn.detection.scores.mean_attention(sd1_record)[:, 2, 76]
     torch.testing.assert_close(summary, -p * torch.log(p))
     assert torch.isfinite(memattn.score_d(sd1_record)).all()
 

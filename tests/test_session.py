@@ -12,7 +12,7 @@ from memattn.attention.patch import Patch
 from memattn.attention.processor import CrossAttentionProbe
 from memattn.attention.session import AttentionSession, BatchDescription, Listener
 from memattn.errors import LayoutError
-from memattn.guard import Guard
+from memattn.mitigation.guard import Guard
 
 PROMPTS = ["a dog", "an old red barn in a snowy field at dusk"]
 STEPS = 4
@@ -132,7 +132,7 @@ def test_a_guard_inside_a_trace_works_and_the_trace_records_the_whole_run(sd1_pi
 
 
 def test_an_inner_block_that_describes_the_batch_differently_is_refused():
-    from memattn.tiny import sd1_unet
+    from memattn.testing import sd1_unet
 
     torch.manual_seed(0)
     unet = sd1_unet().eval()

@@ -7,11 +7,11 @@ import pytest
 from conftest import generators
 
 from memattn.attention.trace import trace
-from memattn.detect import detect
-from memattn.detectors import NoiseDifference
+from memattn.detection.baselines import NoiseDifference
+from memattn.detection.detect import detect
+from memattn.detection.step1 import Step1, score_step1
 from memattn.errors import MemattnError
-from memattn.guard import Guard
-from memattn.step1 import Step1, score_step1
+from memattn.mitigation.guard import Guard
 
 PROMPTS = ["a dog", "an old red barn in a snowy field at dusk", "a cat"]
 SEEDS = [3, 4, 5]

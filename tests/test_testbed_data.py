@@ -249,7 +249,7 @@ def test_template_copies_share_the_pattern_and_vary_the_shape(dataset):
 
 
 def test_clip_tokenizer_fits_every_caption(dataset):
-    from memattn.tiny import clip_tokenizer
+    from memattn.testing import clip_tokenizer
 
     tokenizer = clip_tokenizer()
     captions = [item.caption for item in dataset.items]

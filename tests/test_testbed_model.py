@@ -17,7 +17,7 @@ from memattn.testbed.model import (
     build_unet,
     load_tokenizer,
 )
-from memattn.tiny import clip_tokenizer
+from memattn.testing import clip_tokenizer
 
 
 @pytest.fixture(scope="module")

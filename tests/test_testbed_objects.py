@@ -176,8 +176,9 @@ def test_caption_tags_widen_the_caption_space_and_one_tag_is_the_old_space():
     """``caption_tags``: web-caption endings that say nothing about the image (a one-pass training set
     needs ~190k unique captions; without tags the space holds 20,160). One tag keeps the old captions."""
     assert ObjectsConfig().caption_tags == 1 and OBJECT_TAGS[0] == ""
-    wide = build_objects_dataset(0, ObjectsConfig(seen_once=25_000, rare_word_seen_once=0, never_seen=0,
-                                                  caption_tags=len(OBJECT_TAGS)))
+    wide = build_objects_dataset(
+        0, ObjectsConfig(seen_once=25_000, rare_word_seen_once=0, never_seen=0, caption_tags=len(OBJECT_TAGS))
+    )
     captions = [item.caption for item in wide.items]
     assert len(set(captions)) == len(captions) == 25_016
     assert {tag for tag in OBJECT_TAGS[1:] if any(c.endswith(tag) for c in captions)} == set(OBJECT_TAGS[1:])

@@ -1,6 +1,6 @@
 """Token layouts (memattn.attention.tokens) on the real CLIP BPE tokenizer, against an independent BPE.
 
-The tokenizers are the real CLIP vocabulary (``memattn.tiny.clip_tokenizer``): SD1 / CLIP-L pads with EOS
+The tokenizers are the real CLIP vocabulary (``memattn.testing.clip_tokenizer``): SD1 / CLIP-L pads with EOS
 (49407); SD2 and SDXL's second tokenizer pad with "!" (id 0). ``ReferenceClipBpe`` below is written from
 the description of OpenAI CLIP's ``SimpleTokenizer`` and shares no code with memattn or transformers.
 """
@@ -18,7 +18,7 @@ import regex
 
 from memattn.attention.tokens import CONTEXT_LENGTH, TokenLayout, pipeline_layouts, tokenize_layouts
 from memattn.errors import LayoutError
-from memattn.tiny import clip_tokenizer, clip_vocab_path
+from memattn.testing import clip_tokenizer, clip_vocab_path
 
 PROMPTS_DIR = Path(__file__).resolve().parents[1] / "data" / "prompts"
 BOS, EOS, BANG = 49406, 49407, 0

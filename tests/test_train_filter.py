@@ -11,8 +11,8 @@ import torch
 
 import memattn
 from memattn.errors import MemattnError
-from memattn.tiny import clip_tokenizer, sd1_unet
-from memattn.train_filter import (
+from memattn.testing import clip_tokenizer, sd1_unet
+from memattn.training.filters import (
     CaptionAugmenter,
     EntropyFilter,
     NoiseNormFilter,

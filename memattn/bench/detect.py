@@ -1,11 +1,11 @@
 """``memattn bench detect``: every detection score from one generation per prompt and seed, one table.
 
-Per image, one full generation under a trace (with the last step's maps of the bright-ending layers)
-and a :class:`memattn.detectors.NoiseDifference` gives D, BE and Wen over all steps; the first UNet call
-of the same run gives E, E per layer, BOS/summary shares and Wen's step-1 norm. A second, step-1-only
-pass is timed to report what the step-1 scores cost on their own. Scores are averaged over a prompt's
-seeds (as Wen et al. average over generations); the combined step-1 detector is fitted on a seeded,
-label-stratified half of the prompts and every score is reported on the other half.
+Per image, one full generation under a trace (with the last step's maps of the bright-ending layers) and
+a :class:`memattn.detection.baselines.NoiseDifference` gives D, BE and Wen over all steps; the first
+UNet call of the same run gives E, E per layer, BOS/summary shares and Wen's step-1 norm. A second,
+step-1-only pass is timed to report what the step-1 scores cost on their own. Scores are averaged over a
+prompt's seeds (as Wen et al. average over generations); the combined step-1 detector is fitted on a
+seeded, label-stratified half of the prompts and every score is reported on the other half.
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 from tqdm.auto import tqdm
 
-from memattn import scores
 from memattn.attention.trace import trace
-from memattn.combined import CombinedDetector
-from memattn.detect import check_prompts
-from memattn.detectors import BE_LAYERS, NoiseDifference, bright_ending
+from memattn.detection import scores
+from memattn.detection.baselines import BE_LAYERS, NoiseDifference, bright_ending
+from memattn.detection.combined import CombinedDetector
+from memattn.detection.detect import check_prompts
+from memattn.detection.metrics import bootstrap_auc_and_tpr, tpr_at_fpr
+from memattn.detection.step1 import score_step1
 from memattn.errors import MemattnError
-from memattn.metrics import bootstrap_auc_and_tpr, tpr_at_fpr
-from memattn.step1 import score_step1
 
 FPRS = (0.01, 0.03, 0.05, 0.10)
 SEED_STRIDE = 100_000  # image seed = index in its own file + SEED_STRIDE * seed number (0: the paper's)

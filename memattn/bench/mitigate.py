@@ -34,10 +34,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from memattn import defaults, methods
+from memattn import defaults
+from memattn.bench.image_measures import SSCD, ClipScore, reference_images
 from memattn.bench.pareto import mark_pareto, pareto_figure
 from memattn.errors import MemattnError
-from memattn.image_measures import SSCD, ClipScore, reference_images
+from memattn.mitigation import registry as methods
 
 # The groups mitigation_measures reads (the same as benchmarks/mitigation_sweep.py generates).
 TESTBED_GROUPS = ("memorized_matching", "memorized_template", "never_seen", "novel_composition")
@@ -58,7 +59,8 @@ IMAGE_COLUMNS = ("sscd_gen", "sscd_train", "clip_score_clean", "clip_score_memor
 
 @dataclass(frozen=True)
 class Setting:
-    """One row of the benchmark: a method of ``memattn.methods`` at one strength (None: its default)."""
+    """One row of the benchmark: a registered method (``memattn.mitigation.registry``) at one strength
+    (None: its default)."""
 
     method: str
     strength: float | None = None
@@ -343,7 +345,7 @@ def run_mitigation_bench(
     settings. ``pipe`` reuses an already loaded pipeline of ``model``.
     """
     from memattn.loading import load_pipeline, resolve_model
-    from memattn.prompts_io import read_prompts
+    from memattn.prompts import read_prompts
 
     settings = settings_for(parse_methods(method_names), strengths)
     _positive("seeds", seeds)

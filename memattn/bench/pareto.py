@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from memattn import methods
+from memattn.mitigation import registry as methods
 
 AXIS_LABELS = {
     "similarity_128": "mean copy similarity of 128-copy items' generations (lower = less copying)",

@@ -78,7 +78,7 @@ def detection(results: Results, fpr: float = 0.01) -> tuple[str | None, list[dic
     """ROC figure, per-score metrics and a note (why there is no ROC) from the ``label`` column."""
     from sklearn.metrics import roc_curve
 
-    from memattn.metrics import detection_metrics
+    from memattn.detection.metrics import detection_metrics
 
     if "label" not in results.table.column_names:
         return None, [], "The results have no label column: no ROC (add a 0/1 label to the scanned prompts)."

@@ -72,8 +72,8 @@ def regenerate(
     import torch
     from tqdm.auto import tqdm
 
-    from memattn import scores
     from memattn.attention.trace import trace
+    from memattn.detection import scores
 
     out = []
     map_steps = map_steps_for(steps)

@@ -50,8 +50,8 @@ class Calibrated:
 
 def load_calibration(model: str, calibration: str | None) -> Calibrated | None:
     """``memattn_guard.json`` next to the model (or ``calibration``; ``"none"`` turns flagging off)."""
-    from memattn.guard import CALIBRATION_FILE, Calibration
     from memattn.loading import resolve_model
+    from memattn.mitigation.guard import CALIBRATION_FILE, Calibration
 
     if calibration is not None and calibration.lower() == "none":
         return None
@@ -85,7 +85,7 @@ def check_calibration(calibrated: Calibrated | None, settings: ScanSettings) -> 
     """
     if calibrated is None:
         return
-    from memattn.guard import check_calibrated_settings
+    from memattn.mitigation.guard import check_calibrated_settings
 
     actual = {"steps": settings.steps, "dtype": settings.dtype}
     check_calibrated_settings(calibrated.settings or {}, actual, calibrated.path)
@@ -101,7 +101,7 @@ def check_calibration(calibrated: Calibrated | None, settings: ScanSettings) -> 
 
 def load_detector(model: str) -> tuple[Any, str] | None:
     """The combined step-1 detector next to the model (``memattn_detector.json``), if any."""
-    from memattn.combined import DETECTOR_FILE, CombinedDetector
+    from memattn.detection.combined import DETECTOR_FILE, CombinedDetector
     from memattn.loading import resolve_model
 
     path = Path(resolve_model(model)).expanduser() / DETECTOR_FILE
@@ -131,8 +131,8 @@ class BatchScorer:
         return [len(i) for i in ids]
 
     def score(self, prompts: list[str], seeds: list[int]) -> list[dict[str, Any]]:
-        from memattn import scores
-        from memattn.step1 import score_step1
+        from memattn.detection import scores
+        from memattn.detection.step1 import score_step1
 
         s = self.settings
         step1 = (
@@ -186,8 +186,8 @@ class BatchScorer:
         import torch
 
         from memattn.attention.trace import trace
-        from memattn.detectors import NoiseDifference
-        from memattn.step1 import Step1
+        from memattn.detection.baselines import NoiseDifference
+        from memattn.detection.step1 import Step1
 
         s = self.settings
         generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]

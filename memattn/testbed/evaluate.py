@@ -22,10 +22,10 @@ import torch
 from tqdm.auto import tqdm
 
 import memattn
-from memattn import methods
-from memattn.detectors import NoiseDifference
+from memattn.detection.baselines import NoiseDifference
+from memattn.detection.metrics import detection_metrics
 from memattn.errors import MemattnError
-from memattn.metrics import detection_metrics
+from memattn.mitigation import registry as methods
 from memattn.testbed.alignment import CLASSIFIER_FILE, alignment, load_classifier
 from memattn.testbed.measures import (
     DetailMatcher,
@@ -229,15 +229,16 @@ def evaluate(
     """Generate ``per_group`` prompts x ``seeds`` per group (seed of image = 1000·seed + item id).
 
     ``mitigation``: keyword arguments of ``memattn.mitigate`` (e.g. ``{"c": 1.25}``) to generate under it.
-    ``baseline``: ``{"method": NAME, "strength": VALUE}``, any method of ``memattn.methods`` (strength
-    optional); ``prompt_transform`` rewrites each batch's captions (analysis: paraphrases).
+    ``baseline``: ``{"method": NAME, "strength": VALUE}``, any registered method (strength optional;
+    ``memattn.mitigation.registry``); ``prompt_transform`` rewrites each batch's captions (analysis:
+    paraphrases).
     Copies and alignment are still judged against each item's own caption and image.
     ``copy_threshold``: None takes the testbed's calibrated one (``measures.copy_threshold_for``).
     """
     from contextlib import nullcontext
 
     from memattn.loading import load_pipeline
-    from memattn.mitigation import mitigate
+    from memattn.mitigation.cross_attention import mitigate
 
     model = Path(model)
     manifest = load_manifest(model)
@@ -290,7 +291,7 @@ def evaluate(
         record = tr.record
         layer_names = list(record.layer_names)
         generated.append(images.transpose(0, 3, 1, 2) * 2 - 1)
-        mean = memattn.scores.mean_attention(record)  # [step, image, token]
+        mean = memattn.detection.scores.mean_attention(record)  # [step, image, token]
         entropy.append(memattn.entropy_curve(record).T.numpy())
         summary_entropy.append(memattn.summary_entropy_curve(record).T.numpy())
         d, e = memattn.score_d(record).tolist(), memattn.score_e(record).tolist()

@@ -35,7 +35,7 @@ from transformers import (  # noqa: F401  (PreTrainedModel too: diffusers finds 
     PreTrainedModel,
 )
 
-from memattn.tiny import _bytes_to_unicode, clip_vocab_path
+from memattn.testing import _bytes_to_unicode, clip_vocab_path
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 _PRETOKENIZE = regex.compile(

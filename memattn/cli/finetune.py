@@ -1,8 +1,8 @@
-"""``memattn finetune``: the typer command over :func:`memattn.finetune.finetune`.
+"""``memattn finetune``: the typer command over :func:`memattn.training.finetune`.
 
 Registered on any typer app by :func:`register` (the main CLI calls it once). Option names follow
 diffusers' ``train_text_to_image.py`` (dashes for underscores). Heavy imports happen inside the command,
-so ``--help`` stays fast. Runs under ``accelerate launch -m memattn.finetune_command finetune ...`` too.
+so ``--help`` stays fast. Runs under ``accelerate launch -m memattn.cli.finetune finetune ...`` too.
 """
 
 from __future__ import annotations
@@ -122,9 +122,9 @@ def finetune(
     progress: Annotated[bool, typer.Option(help="Show the progress bar (loss, drop rate).")] = True,
 ) -> None:
     """Fine-tune a pipeline's UNet (text encoder frozen) with a training-time memorization mitigation."""
-    from memattn.console import stderr
-    from memattn.finetune import FinetuneConfig, MitigationConfig
-    from memattn.finetune import finetune as run
+    from memattn.cli.console import stderr
+    from memattn.training import FinetuneConfig, MitigationConfig
+    from memattn.training import finetune as run
 
     quiet_loading()
     config = FinetuneConfig(
@@ -167,9 +167,7 @@ def finetune(
         progress=progress,
     )
     target = run(config)
-    stderr.print(
-        f"fine-tuned pipeline written to {target}; per-step log: {output_dir / 'log.jsonl'}"
-    )
+    stderr.print(f"fine-tuned pipeline written to {target}; per-step log: {output_dir / 'log.jsonl'}")
 
 
 def cli_args(config) -> list[str]:  # noqa: ANN001 (a FinetuneConfig; kept import-free)
@@ -247,7 +245,7 @@ def cli_args(config) -> list[str]:  # noqa: ANN001 (a FinetuneConfig; kept impor
 
 
 def main() -> None:
-    """``python -m memattn.finetune_command finetune ...`` (and ``accelerate launch -m ...``)."""
+    """``python -m memattn.cli.finetune finetune ...`` (and ``accelerate launch -m ...``)."""
     app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None)
 
     @app.callback()

@@ -22,9 +22,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from memattn import scores
 from memattn.attention.record import AttentionRecord
 from memattn.attention.trace import trace
+from memattn.detection import scores
 from memattn.errors import MemattnError
 
 Step1Kind = Literal["e", "wen"]
@@ -77,7 +77,7 @@ class Step1:
 
     def features(self) -> tuple[np.ndarray, list[str]]:
         """``[image, feature]``: E per layer, BOS and summary shares, Wen's norm (when there is one)."""
-        from memattn.detectors import step1_features
+        from memattn.detection.baselines import step1_features
 
         return step1_features(self.record, self.wen)
 
@@ -108,7 +108,7 @@ def score_step1(
     reads Wen's norm whenever ``guidance_scale > 1``. One CPU generator per image (``seeds`` or
     ``generators``), so an image's score does not depend on its batch.
     """
-    from memattn.detectors import NoiseDifference
+    from memattn.detection.baselines import NoiseDifference
 
     if (seeds is None) == (generators is None):
         raise MemattnError("score_step1: pass seeds= or generators=, one per prompt")

@@ -47,7 +47,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """One self-contained HTML report of a scan: score distributions, ROC (with labels), top flagged
         prompts with trigger tokens, per-token attention heat maps and entropy curves."""
-        from memattn.console import stdout
+        from memattn.cli.console import stdout
         from memattn.paths import writable_file
         from memattn.report import write_scan_report
 

@@ -9,11 +9,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from memattn import scores
 from memattn.attention.trace import trace
+from memattn.detection import scores
+from memattn.detection.step1 import Step1, score_step1
 from memattn.errors import MemattnError
 from memattn.quiet import pipeline_bar_off
-from memattn.step1 import Step1, score_step1
 
 SCORES = ("d", "e")
 

@@ -5,7 +5,7 @@ The loop has the shape of diffusers' ``examples/text_to_image/train_text_to_imag
 and VAE, AdamW + a diffusers LR schedule, optional EMA, ``--resume-from-checkpoint latest``, and a
 final pipeline saved with ``save_pretrained`` (safetensors). What it adds:
 
-- ``--mitigation none|entropy|noise-norm|caption-aug`` (:mod:`memattn.train_filter`): the keep-mask
+- ``--mitigation none|entropy|noise-norm|caption-aug`` (:mod:`memattn.training.filters`): the keep-mask
   multiplies the per-sample MSE. The entropy rule reads the probe installed on the UNet during the
   training forward (no extra UNet call); noise-norm costs one extra no-grad unconditional pass.
 - A per-step JSONL log (``OUTPUT/log.jsonl``): loss, kept/dropped counts, the sample ids of the step
@@ -47,18 +47,17 @@ from safetensors.torch import load_file, save_file
 
 from memattn.attention.layers import parse_layers
 from memattn.errors import Interrupted, MemattnError
-from memattn.finetune.checkpoints import (
+from memattn.interrupts import StopRequest
+from memattn.training.checkpoints import (
     StepLog,
     corrupt_checkpoint,
     fsync_path,
     latest_checkpoint,
-    read_log,
 )
-from memattn.finetune.config import (
+from memattn.training.config import (
     CHECKPOINT_FORMAT,
     CHECKPOINTS,
     LOG_FILE,
-    MITIGATIONS,
     PIPELINE,
     POSITION_KEYS,
     RANDOM_DROP_STREAM,
@@ -68,9 +67,8 @@ from memattn.finetune.config import (
     MitigationConfig,
     saved_recipe,
 )
-from memattn.finetune.data import TrainData, load_folder_data, load_testbed_data
-from memattn.interrupts import StopRequest
-from memattn.train_filter import (
+from memattn.training.data import load_folder_data, load_testbed_data
+from memattn.training.filters import (
     CaptionAugmenter,
     EntropyFilter,
     NoiseNormFilter,
@@ -124,7 +122,7 @@ class Finetuner:
             raise MemattnError(
                 f"launched as {launched} processes but accelerate runs {self.accelerator.num_processes}: "
                 "without GPUs set ACCELERATE_USE_CPU=1 (gloo), e.g. `ACCELERATE_USE_CPU=1 torchrun "
-                "--nproc_per_node N -m memattn.finetune_command finetune ...`, or use `accelerate launch`"
+                "--nproc_per_node N -m memattn.cli.finetune finetune ...`, or use `accelerate launch`"
             )
         device = self.accelerator.device
         self.weight_dtype = _weight_dtype(config.mixed_precision)
@@ -628,7 +626,7 @@ def finetune(config: FinetuneConfig, *, command: str | None = None) -> Path:
     graceful = tuner.accelerator.num_processes == 1
     stop = StopRequest("finishing this step, then writing a checkpoint")
     try:
-        with tuner, (stop if graceful else nullcontext(stop)):
+        with tuner, stop if graceful else nullcontext(stop):
             while tuner.step < config.max_train_steps:
                 entry = tuner.train_step()
                 seconds += entry["seconds"]
@@ -679,7 +677,7 @@ def untrained_testbed(recipe: Any, out: Path, *, progress: bool = False) -> Path
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(recipe, out)
-    note = f"memattn.finetune.untrained_testbed (untrained; recipe seed {recipe.seed})"
+    note = f"memattn.training.untrained_testbed (untrained; recipe seed {recipe.seed})"
     return trainer.export(out / PIPELINE, manifest(trainer, 0.0, note), progress=progress)
 
 
@@ -704,21 +702,3 @@ def from_testbed_recipe(
         progress=False,
     )
     return replace(config, **overrides)
-
-
-__all__ = [
-    "CHECKPOINTS",
-    "load_folder_data",
-    "load_testbed_data",
-    "LOG_FILE",
-    "MITIGATIONS",
-    "FinetuneConfig",
-    "Finetuner",
-    "MitigationConfig",
-    "TrainData",
-    "finetune",
-    "from_testbed_recipe",
-    "latest_checkpoint",
-    "read_log",
-    "untrained_testbed",
-]

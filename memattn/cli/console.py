@@ -51,3 +51,19 @@ def _fits(console: Console, view: Table) -> bool:
     lines = list(Segment.split_lines(console.render(view, console.options)))
     cut = any("…" in segment.text for line in lines for segment in line)  # rich's ellipsis: a cut cell
     return not cut and all(Segment.get_line_length(line) <= console.width for line in lines)
+
+
+def warn_truncated(pipe: object, prompts: list[str]) -> None:
+    """The text encoder sees 77 tokens: say which prompts lose their end, as `detect` does."""
+    from memattn.attention.tokens import tokenize_layouts
+
+    tokenizer = getattr(pipe, "tokenizer", None)
+    if tokenizer is None:
+        return
+    for prompt, layout in zip(prompts, tokenize_layouts(tokenizer, prompts), strict=True):
+        if layout.truncated:
+            warn_truncated_prompt(prompt)
+
+
+def warn_truncated_prompt(prompt: str) -> None:
+    stderr.print(f"[yellow]warning:[/] prompt truncated to 77 tokens: {prompt[:60]!r}")

@@ -1,6 +1,6 @@
 """``memattn scan``: the typer command over :func:`memattn.scan.scan` (registered by ``memattn.cli``).
 
-Kept apart from ``memattn/cli.py`` so the command can be registered on any typer app (tests build their
+Kept apart from ``memattn/cli/app.py`` so the command can be registered on any typer app (tests build their
 own). Heavy imports (torch, diffusers) happen inside the command, so ``--help`` stays fast.
 """
 
@@ -96,7 +96,7 @@ def scan(
 
     Rerun the same command after a crash: it continues where it stopped. docs/scan.md has the schema.
     """
-    from memattn.console import stderr
+    from memattn.cli.console import stderr
     from memattn.scan import ScanSettings, load_calibration
     from memattn.scan import scan as run_scan
 

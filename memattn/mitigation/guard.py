@@ -31,10 +31,10 @@ from memattn.attention.layers import parse_layer
 from memattn.attention.patch import patched
 from memattn.attention.recorder import Recorder
 from memattn.attention.session import AttentionSession
-from memattn.detectors import NoiseDifference
+from memattn.detection.baselines import NoiseDifference
+from memattn.detection.step1 import Step1, check_kind, score_step1
 from memattn.errors import MemattnError
-from memattn.mitigation import Mitigation
-from memattn.step1 import Step1, check_kind, score_step1
+from memattn.mitigation.cross_attention import Mitigation
 
 CALIBRATION_FILE = "memattn_guard.json"
 Score = Literal["e", "wen"]

@@ -7,7 +7,7 @@
   ``BE = mean_t ‖(ε_c − ε_u) ⊙ m‖₂ / mean(m)``. The official code generates twice (the mask exists only
   after the last step); with the same seeds the trajectory is identical, so here one generation keeps
   the per-step differences and applies the mask at the end: one full run instead of two.
-- Step-1 features for the combined detector (:mod:`memattn.combined`): E of every layer, BOS and
+- Step-1 features for the combined detector (:mod:`memattn.detection.combined`): E of every layer, BOS and
   summary-token shares, Wen's norm — all free at the first CFG call.
 """
 
@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from memattn import scores
 from memattn.attention.record import AttentionRecord
+from memattn.detection import scores
 from memattn.errors import MemattnError, RecordError
 
 BE_LAYERS = (0, 1)  # the first two down-block cross-attention layers (64×64 in SD1 at 512 px)

@@ -10,10 +10,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from memattn.bench.app import bench_app
-from memattn.console import print_table, stdout, table
+from memattn.cli.console import print_table, stdout, table
 from memattn.defaults import GUIDANCE_HELP, STEPS_HELP
-from memattn.methods import METHODS
+from memattn.mitigation.registry import METHODS
 
 COLUMN_FORMATS = {  # column -> (header, format); shown when any row has a finite value
     "copy_rate_128": ("copy 128×", "{:.2f}"),
@@ -54,7 +53,6 @@ def _table(rows: list[dict[str, Any]]) -> Table:
     return view
 
 
-@bench_app.command("mitigate")
 def mitigate_command(
     model: Annotated[
         str, typer.Option("--model", "-m", help="Pipeline directory or hub id; 'testbed': the bundled one.")
@@ -143,3 +141,8 @@ def mitigate_command(
     if "png" not in written:
         console.print("note: pareto.png not written: it needs both a copy and an alignment measure")
     console.print("written: " + ", ".join(str(path) for path in written.values()))
+
+
+def register(group: typer.Typer) -> None:
+    """Add ``mitigate`` to the ``bench`` group."""
+    group.command("mitigate")(mitigate_command)

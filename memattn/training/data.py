@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from memattn.errors import MemattnError
-from memattn.finetune.config import CAPTION_FILES, IMAGE_CACHE_BYTES
+from memattn.training.config import CAPTION_FILES, IMAGE_CACHE_BYTES
 
 # ---- data --------------------------------------------------------------------------------------------
 

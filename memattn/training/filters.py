@@ -42,8 +42,8 @@ import numpy as np
 import torch
 
 from memattn.attention.record import AttentionRecord
+from memattn.detection.scores import entropy, layer_entropy_curves, mean_attention
 from memattn.errors import MemattnError
-from memattn.scores import entropy, layer_entropy_curves, mean_attention
 
 Rule = Literal["fixed", "zscore"]
 Direction = Literal["high", "low"]

@@ -25,12 +25,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from memattn import baselines
 from memattn.attention.edit import PAPER_C
-from memattn.embedding_opt import embedding_optimization
 from memattn.errors import MemattnError
-from memattn.guidance_schedule import guidance_schedule
-from memattn.mitigation import mitigate
+from memattn.mitigation import prompt as baselines
+from memattn.mitigation.cross_attention import mitigate
+from memattn.mitigation.embedding_opt import embedding_optimization
+from memattn.mitigation.guidance import guidance_schedule
 
 OPPOSITE_GUIDANCE_SHARE = 0.35  # Jain et al. switch at t = 650 of 1000
 

@@ -9,9 +9,8 @@ from typing import Annotated, Any
 
 import typer
 
-from memattn.bench.app import bench_app
-from memattn.console import print_table, stdout
-from memattn.console import table as make_table
+from memattn.cli.console import print_table, stdout
+from memattn.cli.console import table as make_table
 from memattn.defaults import GUIDANCE_HELP, STEPS_HELP
 from memattn.errors import MemattnError
 
@@ -99,7 +98,6 @@ def per_negative_group(collected: Any, labels: list[int], groups: list[str], nam
     return out
 
 
-@bench_app.command("detect")
 def bench_detect(
     model: Annotated[str, typer.Option("--model", "-m", help="Pipeline directory, hub id or 'testbed'.")] = (
         "testbed"
@@ -125,10 +123,10 @@ def bench_detect(
 ) -> None:
     """Every detection score (D, E, E per layer, Wen, bright ending, combined step-1) in one pass."""
     from memattn.bench.detect import analyse, collect, per_prompt_scores
-    from memattn.combined import DETECTOR_FILE
     from memattn.defaults import announce, is_testbed, resolve_settings
+    from memattn.detection.combined import DETECTOR_FILE
     from memattn.loading import load_pipeline, resolve_model
-    from memattn.prompts_io import read_prompts
+    from memattn.prompts import read_prompts
     from memattn.quiet import quiet_loading
 
     quiet_loading()
@@ -226,3 +224,8 @@ def bench_detect(
     console.print(
         f"wrote {out}/detect_bench.csv, detect_bench.json, detect_rows.jsonl, roc.png, {DETECTOR_FILE}"
     )
+
+
+def register(group: typer.Typer) -> None:
+    """Add ``detect`` to the ``bench`` group."""
+    group.command("detect")(bench_detect)

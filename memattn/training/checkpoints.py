@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from memattn.errors import MemattnError
-from memattn.finetune.config import LOG_FILE
+from memattn.training.config import LOG_FILE
 
 # ---- checkpoints -------------------------------------------------------------------------------------
 
