@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from memattn.loading import resolve_model
-from memattn.testbed.evaluate import dataset_for, evaluate
+from memattn.testbed.evaluate import evaluate
+from memattn.testbed.manifest import dataset_for
 from memattn.testbed.measures import background_mask, masked_correlation
 from memattn.testbed.objects import render_objects
 

@@ -36,7 +36,7 @@ from memattn.detection.step1 import score_step1
 from memattn.loading import load_pipeline, resolve_model
 from memattn.mitigation.guard import Guard, threshold_at_fpr
 from memattn.testbed.alignment import CLASSIFIER_FILE, alignment, load_classifier
-from memattn.testbed.evaluate import dataset_for, scene_of
+from memattn.testbed.manifest import dataset_for, scene_of
 from memattn.testbed.measures import DetailMatcher, OwnImageMatcher, copy_threshold_for
 
 EDITS = {

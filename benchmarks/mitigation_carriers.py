@@ -23,7 +23,8 @@ import torch
 from memattn.loading import BUNDLED_TESTBED, load_pipeline
 from memattn.mitigation.cross_attention import Mitigation
 from memattn.testbed import data
-from memattn.testbed.evaluate import dataset_for, evaluate, mitigation_measures
+from memattn.testbed.evaluate import evaluate, mitigation_measures
+from memattn.testbed.manifest import dataset_for
 
 ATTRIBUTE_WORDS = frozenset(
     word

@@ -21,7 +21,8 @@ import torch
 
 from memattn.attention.layers import cross_attention_layers
 from memattn.loading import load_pipeline, resolve_model
-from memattn.testbed.evaluate import evaluate, load_manifest, mitigation_measures
+from memattn.testbed.evaluate import evaluate, mitigation_measures
+from memattn.testbed.manifest import load_manifest
 
 GROUPS = ("memorized_matching", "memorized_template", "never_seen", "novel_composition")  # those present
 UP_BLOCKS = "up_blocks"  # a layer window: the decoder's cross-attention layers only

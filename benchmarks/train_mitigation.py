@@ -55,13 +55,19 @@ from memattn.quiet import quiet_loading
 from memattn.testbed.data import MEMORIZED_GROUPS, TestbedConfig
 from memattn.testbed.model import ModelConfig
 from memattn.testbed.objects import ObjectsConfig
-from memattn.testbed.train import DETAIL, DETAIL_FAST, OBJECTS, OBJECTS_FAST, TrainConfig
+from memattn.testbed.train import (
+    DETAIL,
+    DETAIL_FAST,
+    OBJECTS,
+    OBJECTS_FAST,
+    TrainConfig,
+    from_testbed_recipe,
+    untrained_testbed,
+)
 from memattn.training import (
     MitigationConfig,
     finetune,
-    from_testbed_recipe,
     read_log,
-    untrained_testbed,
 )
 
 QUICK = TrainConfig(
@@ -143,7 +149,7 @@ def rules(cal: Calibration, window: int) -> dict[str, MitigationConfig]:
 
 
 def truth_of(base: Path) -> dict[int, dict[str, Any]]:
-    from memattn.testbed.evaluate import dataset_for
+    from memattn.testbed.manifest import dataset_for
 
     return {
         item.item_id: {
@@ -303,7 +309,8 @@ def calibrate(log: list[dict]) -> Calibration:
 
 
 def generation_measures(model: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from memattn.testbed.evaluate import evaluate, load_manifest, scene_of
+    from memattn.testbed.evaluate import evaluate
+    from memattn.testbed.manifest import load_manifest, scene_of
     from memattn.testbed.measures import copy_threshold_for
 
     common = dict(

@@ -12,6 +12,7 @@ from pathlib import Path
 
 PAPER = {"steps": 50, "guidance": 7.5}
 TESTBED = {"steps": 25, "guidance": 2.0}
+# memattn.testbed.manifest.MANIFEST, written out: importing the testbed would slow every command's start
 TESTBED_MANIFEST = "memattn_testbed.json"
 
 

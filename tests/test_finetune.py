@@ -22,16 +22,15 @@ from typer.testing import CliRunner
 
 from memattn.cli.finetune import cli_args, register
 from memattn.errors import Interrupted, MemattnError
+from memattn.testbed.train import from_testbed_recipe, untrained_testbed
 from memattn.training import (
     CHECKPOINTS,
     FinetuneConfig,
     Finetuner,
     MitigationConfig,
     finetune,
-    from_testbed_recipe,
     latest_checkpoint,
     read_log,
-    untrained_testbed,
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -91,7 +90,7 @@ def test_none_reproduces_the_v2_trainer_bit_for_bit_with_its_pretrained_encoder(
 
 def test_run_exports_a_loadable_testbed_pipeline_and_logs_every_step(plain):
     from memattn.loading import load_pipeline
-    from memattn.testbed.evaluate import dataset_for
+    from memattn.testbed.manifest import dataset_for
 
     pipe = load_pipeline(str(plain / "pipeline"))
     image = pipe("a red circle", num_inference_steps=2, output_type="np").images
@@ -222,7 +221,7 @@ def test_sigkill_then_resume_latest_is_bit_exact(base, tmp_path):
 
 
 def test_ctrl_c_finishes_the_step_checkpoints_it_and_says_how_to_resume(base, tmp_path):
-    from memattn.training import _kept_after_interrupt
+    from memattn.training.run import _kept_after_interrupt
 
     run = config(base, tmp_path / "stopped", max_train_steps=12, checkpointing_steps=1000)
     command = [sys.executable, "-m", "memattn.cli.finetune", "finetune", *cli_args(run), "--no-progress"]
@@ -293,7 +292,7 @@ def test_missing_corrupt_and_foreign_checkpoints_are_clear_errors(base, tmp_path
 
 
 def test_a_crash_while_checkpointing_never_leaves_a_latest(base, tmp_path, monkeypatch):
-    import memattn.training as module
+    import memattn.training.loop as module
 
     run = tmp_path / "run"
     finetune(config(base, run, max_train_steps=2))

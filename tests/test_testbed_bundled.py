@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from memattn.errors import MemattnError
 from memattn.loading import BUNDLED_TESTBED, BUNDLED_TESTBED_DETAIL, load_pipeline, resolve_model
 from memattn.testbed.bundle import MAX_BYTES, MAX_TOTAL_BYTES, bundle, bundled_bytes
-from memattn.testbed.evaluate import dataset_for, load_manifest
+from memattn.testbed.manifest import dataset_for, load_manifest
 from memattn.testbed.objects import GROUPS as OBJECT_GROUPS
 
 

@@ -19,7 +19,9 @@ from memattn.errors import MemattnError
 from memattn.testbed.data import TestbedConfig
 from memattn.testbed.model import ModelConfig
 from memattn.testbed.objects import ObjectsConfig
-from memattn.testbed.train import TrainConfig, Trainer, latest_checkpoint, train
+from memattn.testbed.train import TrainConfig, UntrainedModel, from_testbed_recipe, train
+from memattn.training import Finetuner
+from memattn.training.checkpoints import latest_checkpoint
 
 TINY = TrainConfig(
     steps=6,
@@ -69,6 +71,25 @@ def test_export_has_manifest_and_checkpoints(reference):
         "step-0000004",
         "step-0000006",
     ]
+
+
+FINGERPRINT = json.loads((Path(__file__).parent / "data" / "trainer_fingerprint.json").read_text())
+
+
+def assert_trainer_fingerprint(run: Path, recipe: str) -> None:
+    """The weights the testbed trainer gave this recipe before it became a configuration of the finetune
+    loop (the bundled models were trained by that trainer): the loop must still train the same model.
+    The tolerance is far below what one changed step moves and far above CPU float noise."""
+    tensors = weights(run)
+    expected = FINGERPRINT[recipe]
+    assert len(tensors) == expected["tensors"]
+    assert sum(float(v.double().sum()) for v in tensors.values()) == pytest.approx(expected["sum"], abs=1e-4)
+    squares = sum(float(v.double().square().sum()) for v in tensors.values())
+    assert squares == pytest.approx(expected["sum_of_squares"], abs=1e-4)
+
+
+def test_the_loop_trains_what_the_former_trainer_trained(reference):
+    assert_trainer_fingerprint(reference, "v1")
 
 
 def test_same_seed_same_model_other_seed_differs(reference, tmp_path):
@@ -123,9 +144,9 @@ def test_corrupt_or_foreign_checkpoint_is_a_clear_error(reference, tmp_path):
     checkpoint = latest_checkpoint(run)
     # A different recipe refuses to resume from it.
     with pytest.raises(MemattnError, match="different recipe"):
-        Trainer(replace(TINY, lr=0.5), run).load_checkpoint(checkpoint)
+        train(replace(TINY, lr=0.5, steps=2), run, progress=False)
     (checkpoint / "unet.safetensors").write_bytes(b"garbage")
-    with pytest.raises(MemattnError, match="missing or corrupt"):
+    with pytest.raises(MemattnError, match="corrupt or incomplete"):
         train(replace(TINY, steps=2), run, progress=False)
     # A half-written checkpoint (no state.json, or a .partial directory) is never picked as latest.
     (run / "checkpoints" / ".partial-0000009").mkdir()
@@ -212,6 +233,7 @@ TINY_OBJECTS = TrainConfig(
 def test_v2_recipe_pretrains_once_logs_the_sink_and_resumes_bit_exact(tmp_path):
     straight = tmp_path / "straight"
     train(TINY_OBJECTS, straight, progress=False)
+    assert_trainer_fingerprint(straight, "v2")
     manifest = json.loads((straight / "pipeline" / "memattn_testbed.json").read_text())
     assert manifest["config"]["data"]["scene"] == "object"
     assert [entry["step"] for entry in manifest["sink_log"]] == [2, 4]
@@ -247,28 +269,29 @@ def test_one_pass_sampling_shows_every_pair_exactly_once_per_pass(tmp_path):
     """`sampling="epochs"`: a pass is a seeded permutation of the training pairs, so a seen-once pair
     is seen exactly once per pass (uniform draws would show ~37 % of them never and ~26 % twice)."""
     config = replace(TINY_OBJECTS, sampling="epochs", batch_size=7)
-    trainer = Trainer(config, tmp_path)
-    n = len(trainer.pair_items)
+    base = untrained_base(config, tmp_path)
+    trainer = Finetuner(from_testbed_recipe(config, base, tmp_path / "run"))
+    n = len(trainer.data)
     steps_per_pass = -(-n // config.batch_size)  # the last step of a pass reaches into the next one
     seen = []
     for step in range(2 * steps_per_pass):
         trainer.step = step
-        seen += trainer.batch_rows(torch.Generator()).tolist()
-    expected = sorted(trainer.pair_items.tolist())
+        seen += trainer._batch_rows(0, torch.Generator()).tolist()
+    expected = list(range(n))
     assert sorted(seen[:n]) == expected and sorted(seen[n : 2 * n]) == expected
     assert seen[:n] != seen[n : 2 * n]  # every pass has its own order
     trainer.step = 3
-    first = trainer.batch_rows(torch.Generator()).tolist()
-    fresh = Trainer(config, tmp_path / "again")
+    first = trainer._batch_rows(0, torch.Generator()).tolist()
+    fresh = Finetuner(from_testbed_recipe(config, base, tmp_path / "again"))
     fresh.step = 3
-    assert fresh.batch_rows(torch.Generator()).tolist() == first  # a resumed run takes the same batches
+    assert fresh._batch_rows(0, torch.Generator()).tolist() == first  # a resumed run takes the same batches
 
 
 def test_manifest_lists_a_bounded_sample_per_group_and_counts_all(tmp_path, monkeypatch):
     import memattn.testbed.train as train_module
 
     monkeypatch.setattr(train_module, "MANIFEST_ITEMS_PER_GROUP", 5)
-    trainer = Trainer(TINY_OBJECTS, tmp_path)
+    trainer = UntrainedModel(TINY_OBJECTS, tmp_path)
     listed = train_module.manifest(trainer, 0.0, "test")
     assert [len(listed["groups"][g]) for g in ("seen_once", "never_seen")] == [5, 4]
     assert listed["summary"]["items"]["seen_once"] == 20
@@ -278,13 +301,22 @@ def test_manifest_lists_a_bounded_sample_per_group_and_counts_all(tmp_path, monk
 
 
 def test_text_states_encoded_per_batch_equal_the_pre_encoded_ones(tmp_path, monkeypatch):
-    """Past ``EMBEDDING_BUDGET_BYTES`` (a one-pass set of ~190k captions) the trainer encodes each batch
-    instead of keeping every state; both give the same states (to float tolerance: other batch shapes)."""
-    import memattn.testbed.train as train_module
+    """Past ``TEXT_CACHE_BYTES`` (a one-pass set of ~190k captions) the loop encodes each batch instead
+    of keeping every state; both give the same states (to float tolerance: other batch shapes)."""
+    import memattn.training.loop as loop
 
-    kept = Trainer(TINY_OBJECTS, tmp_path / "kept")
-    monkeypatch.setattr(train_module, "EMBEDDING_BUDGET_BYTES", 0)
-    streamed = Trainer(TINY_OBJECTS, tmp_path / "streamed")
+    base = untrained_base(TINY_OBJECTS, tmp_path)
+    kept = Finetuner(from_testbed_recipe(TINY_OBJECTS, base, tmp_path / "kept"))
+    monkeypatch.setattr(loop, "TEXT_CACHE_BYTES", 0)
+    streamed = Finetuner(from_testbed_recipe(TINY_OBJECTS, base, tmp_path / "streamed"))
     assert kept.embeddings is not None and streamed.embeddings is None
-    rows = kept.pair_items[:7]
-    torch.testing.assert_close(streamed.encode(rows), kept.encode(rows), atol=1e-5, rtol=1e-5)
+    rows, drop = torch.arange(7), torch.zeros(7, dtype=torch.bool)
+    torch.testing.assert_close(
+        streamed._context(rows, drop, 0)[0], kept._context(rows, drop, 0)[0], atol=1e-5, rtol=1e-5
+    )
+
+
+def untrained_base(config: TrainConfig, out: Path) -> Path:
+    from memattn.testbed.train import untrained_testbed
+
+    return untrained_testbed(config, out / "base")

@@ -222,7 +222,8 @@ def _testbed_rows(
     per_group: int,
     progress: bool,
 ) -> list[dict[str, Any]]:
-    from memattn.testbed.evaluate import dataset_for, evaluate, mitigation_measures
+    from memattn.testbed.evaluate import evaluate, mitigation_measures
+    from memattn.testbed.manifest import dataset_for
 
     present = dataset_for(path).prompt_groups()  # v2 has no templates and no novel compositions
     groups = tuple(group for group in TESTBED_GROUPS if group in present)

@@ -25,7 +25,7 @@ def testbed_prompts(model: Path, per_group: int) -> tuple[list[str], list[int], 
     """
     import numpy as np
 
-    from memattn.testbed.evaluate import dataset_for
+    from memattn.testbed.manifest import dataset_for
 
     dataset = dataset_for(model)
     rng = np.random.default_rng(0)

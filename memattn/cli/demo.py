@@ -35,7 +35,7 @@ def scan_and_report() -> None:
     from memattn.loading import BUNDLED_TESTBED
     from memattn.report import write_scan_report
     from memattn.scan import ScanSettings, scan
-    from memattn.testbed.evaluate import dataset_for
+    from memattn.testbed.manifest import dataset_for
 
     dataset = dataset_for(BUNDLED_TESTBED)
     present = [group for group in SCAN_GROUPS if group in dataset.prompt_groups()]

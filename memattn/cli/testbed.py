@@ -71,7 +71,7 @@ def testbed_info(
 ) -> None:
     """Print a testbed pipeline's manifest: recipe, training time and ground-truth groups."""
     from memattn.loading import resolve_model
-    from memattn.testbed.evaluate import load_manifest
+    from memattn.testbed.manifest import load_manifest
 
     path = Path(resolve_model(model))
     data = load_manifest(path)
@@ -100,7 +100,7 @@ def testbed_prompts(
 ) -> None:
     """Print one ground-truth group's prompts, one per line (e.g. clean prompts for `memattn calibrate`)."""
     from memattn.loading import resolve_model
-    from memattn.testbed.evaluate import load_manifest
+    from memattn.testbed.manifest import load_manifest
 
     groups = load_manifest(Path(resolve_model(model)))["groups"]
     if group not in groups:
@@ -140,7 +140,8 @@ def testbed_report(
 
     quiet_loading()
     from memattn.loading import resolve_model
-    from memattn.testbed.evaluate import evaluate, load_manifest
+    from memattn.testbed.evaluate import evaluate
+    from memattn.testbed.manifest import load_manifest
     from memattn.testbed.report import write_report
 
     if per_group < 1 or seeds < 1 or steps < 2:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from memattn.errors import MemattnError
 from memattn.loading import BUNDLED_TESTBED, BUNDLED_TESTBEDS
+from memattn.testbed.manifest import MANIFEST
 
 MAX_BYTES = 25 * 1024 * 1024
 MAX_TOTAL_BYTES = 30 * 1024 * 1024  # every bundled testbed together
@@ -22,7 +23,7 @@ ALLOWED_SUFFIXES = {".safetensors", ".json", ".txt"}
 def bundle(source: Path, target: Path = BUNDLED_TESTBED, max_bytes: int = MAX_BYTES) -> int:
     """Replace ``target`` with ``source``'s files; returns the total size in bytes."""
     source = Path(source)
-    if not (source / "model_index.json").is_file() or not (source / "memattn_testbed.json").is_file():
+    if not (source / "model_index.json").is_file() or not (source / MANIFEST).is_file():
         raise MemattnError(f"{source} is not an exported testbed pipeline (model_index.json + manifest)")
     files = [p for p in source.rglob("*") if p.is_file()]
     refused = [str(p.relative_to(source)) for p in files if p.suffix not in ALLOWED_SUFFIXES]

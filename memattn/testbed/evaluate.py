@@ -11,7 +11,6 @@ entropy over steps). ``Evaluation.summary()`` turns that into per-group rates an
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +23,9 @@ from tqdm.auto import tqdm
 import memattn
 from memattn.detection.baselines import NoiseDifference
 from memattn.detection.metrics import detection_metrics
-from memattn.errors import MemattnError
 from memattn.mitigation import registry as methods
 from memattn.testbed.alignment import CLASSIFIER_FILE, alignment, load_classifier
+from memattn.testbed.manifest import dataset_for, load_manifest, scene_of
 from memattn.testbed.measures import (
     DetailMatcher,
     OwnImageMatcher,
@@ -35,7 +34,6 @@ from memattn.testbed.measures import (
 )
 from memattn.testbed.objects import SCENE as OBJECT_SCENE
 
-MANIFEST = "memattn_testbed.json"
 # Scores the summary's detection table reports (higher = memorized); step-1 ones need one UNet call.
 DETECTION_SCORES = (
     "score_d",
@@ -54,26 +52,6 @@ STEP1_SCORES = ("score_e", "e_preregistered", "wen_step1", "minus_bos_share_step
 PRE_REGISTERED_E_LAYER = {OBJECT_SCENE: "up_blocks.0.attentions.1.transformer_blocks.0.attn2"}
 NON_MEMORIZED = ("seen_once", "rare_word_seen_once", "never_seen", "novel_composition")
 MEMORIZED = ("memorized_matching", "memorized_template")
-
-
-def load_manifest(model: Path) -> dict[str, Any]:
-    path = Path(model) / MANIFEST
-    if not path.is_file():
-        raise MemattnError(f"{model} has no {MANIFEST}: not a testbed pipeline directory")
-    return json.loads(path.read_text())
-
-
-def dataset_for(model: Path):
-    """Rebuild the exact dataset a testbed pipeline was trained on (from its manifest): v1 or v2."""
-    from memattn.testbed.train import build_any_dataset, data_config_from_json
-
-    manifest = load_manifest(model)
-    return build_any_dataset(manifest["seed"], data_config_from_json(manifest["config"]["data"]))
-
-
-def scene_of(model: Path) -> str:
-    """``"detail"`` (v1, fine-detail memorization) or ``"object"`` (v2, whole-image copies)."""
-    return load_manifest(model)["config"]["data"].get("scene", "detail")
 
 
 @dataclass

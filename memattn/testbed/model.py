@@ -50,6 +50,8 @@ class PixelSpaceVAE(ModelMixin, ConfigMixin):
     ``block_out_channels`` has one entry so the pipeline's ``vae_scale_factor`` is ``2 ** 0 = 1``.
     """
 
+    pixel_space = True  # what the training loop checks: the images are the latents, no encoding
+
     @register_to_config
     def __init__(self, channels: int = 3, scaling_factor: float = 1.0, block_out_channels: tuple[int] = (3,)):
         super().__init__()

@@ -8,6 +8,7 @@ for seen-once and for memorized training pairs, so every checkpoint says how far
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,10 +20,10 @@ PROBE_TIMESTEPS = (999, 500, 100)
 PROBE_PER_GROUP = 32
 
 
-def _probe_rows(trainer: Any, group: str, duplication: int | None = None) -> list[int]:
+def _probe_items(dataset: Any, group: str, duplication: int | None = None) -> list[Any]:
     items = [
-        i
-        for i, item in enumerate(trainer.dataset.items)
+        item
+        for item in dataset.items
         if item.group == group and (duplication is None or item.duplication == duplication)
     ]
     return items[:PROBE_PER_GROUP]
@@ -59,25 +60,24 @@ def shares(
     }
 
 
-def attention_shares(trainer: Any) -> dict:
-    """Per-layer shares for seen-once and for the most duplicated items (``Trainer`` state as it is)."""
-    top = max((item.duplication for item in trainer.dataset.items), default=1)
+def attention_shares(
+    dataset: Any, unet: Any, tokenizer: Any, encode: Callable[[list[str]], torch.Tensor], schedule: Any
+) -> dict:
+    """Per-layer shares for seen-once and for the most duplicated items of ``dataset``, as ``unet`` (the
+    EMA UNet of a training run) attends now; ``encode`` gives the frozen encoder's states of captions."""
+    top = max((item.duplication for item in dataset.items), default=1)
     out: dict[str, Any] = {}
-    for name, rows in (
-        ("seen_once", _probe_rows(trainer, "seen_once")),
-        ("memorized", _probe_rows(trainer, "memorized_matching", top)),
+    for name, items in (
+        ("seen_once", _probe_items(dataset, "seen_once")),
+        ("memorized", _probe_items(dataset, "memorized_matching", top)),
     ):
-        if not rows:
+        if not items:
             continue
-        captions = [trainer.dataset.items[i].caption for i in rows]
-        ids = trainer.tokenizer(captions, truncation=True, max_length=77).input_ids
-        result = shares(
-            trainer.ema,
-            trainer.encode(rows),
-            [len(i) for i in ids],
-            trainer.images[rows],
-            trainer.noise_schedule,
-        )
+        captions = [item.caption for item in items]
+        states = encode(captions)
+        images = torch.from_numpy(dataset.images(items)).to(states.device)
+        lengths = [len(ids) for ids in tokenizer(captions, truncation=True, max_length=77).input_ids]
+        result = shares(unet, states, lengths, images, schedule)
         out["layers"] = result.pop("layers")
         out[name] = result
     return out

@@ -1,9 +1,13 @@
-"""Train the testbed model on the testbed data: seeded, resumable, CPU-sized.
+"""The testbed's recipes and how they run: a recipe is a configuration of the one training loop.
 
-Every step draws its batch, noise, timesteps and caption dropout from a generator seeded by
-``(seed, step)``, so a run resumed from a checkpoint takes exactly the steps an uninterrupted run takes.
-Checkpoints are written to a temporary directory and renamed into place: a crash never leaves a
-half-written checkpoint that looks complete. Everything is stored as safetensors + JSON.
+``train(recipe, out)`` builds the untrained model the recipe describes (dataset, tokenizer, frozen text
+encoder — pre-trained contrastively when the recipe says so, stored once in ``out/text-encoder`` —
+and the seeded UNet init), saves it as a pipeline in ``out/base``, and trains it with
+:func:`memattn.training.finetune` (``--data testbed``, no mitigation: batch, lr, caption dropout and EMA
+from the recipe). Every step draws from generators seeded by ``(seed, step)``, so a run resumed from a
+checkpoint takes exactly the steps of an uninterrupted one; checkpoints are atomic (the loop's). At
+every checkpoint the sink probe logs where the EMA UNet's text attention goes; the export adds the
+attribute classifier (the alignment measure) and the manifest (ground-truth groups, recipe, sink log).
 """
 
 from __future__ import annotations
@@ -17,19 +21,16 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from diffusers import DDPMScheduler
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from memattn._version import __version__
 from memattn.errors import MemattnError
 from memattn.testbed.alignment import CLASSIFIER_FILE, save_classifier, train_classifier
-from memattn.testbed.data import TestbedConfig, TestbedDataset, build_dataset
+from memattn.testbed.data import TestbedConfig, TestbedDataset
+from memattn.testbed.manifest import MANIFEST, build_any_dataset
 from memattn.testbed.model import (
     TEXT_ENCODERS,
     ModelConfig,
@@ -38,15 +39,21 @@ from memattn.testbed.model import (
     build_tokenizer_files,
     build_unet,
     load_tokenizer,
-    tokenize,
 )
-from memattn.testbed.objects import SCENE as OBJECT_SCENE
-from memattn.testbed.objects import ObjectsConfig, ObjectsDataset, build_objects_dataset
+from memattn.testbed.objects import ObjectsConfig, ObjectsDataset
+from memattn.training.config import (
+    CHECKPOINTS,
+    LOG_FILE,
+    PIPELINE,
+    RUN_FILE,
+    SAMPLING,
+    FinetuneConfig,
+    MitigationConfig,
+)
+from memattn.training.loop import Finetuner
+from memattn.training.run import finetune
 
-CHECKPOINTS = "checkpoints"
-_PASS_STREAM = 21  # random stream of the pass orders (sampling="epochs")
-SAMPLING = ("uniform", "epochs")  # batches drawn with replacement / passes without replacement
-EMBEDDING_BUDGET_BYTES = 2 << 30  # text states kept in memory up to this size (v2 bundled: 0.7 GiB)
+BASE = "base"  # the untrained pipeline a run trains from
 MANIFEST_ITEMS_PER_GROUP = 1000  # captions per group listed in a manifest (the rest: rebuild the dataset)
 
 
@@ -145,26 +152,8 @@ OBJECTS_FAST = TrainConfig(
 FAST = OBJECTS_FAST  # what `memattn testbed train --fast` trains
 
 
-def data_config_from_json(raw: dict) -> TestbedConfig | ObjectsConfig:
-    """A data config from its JSON form; ``scene`` says which testbed (absent: v1, older manifests)."""
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
-    return ObjectsConfig(**values) if values.get("scene") == OBJECT_SCENE else TestbedConfig(**values)
-
-
-def build_any_dataset(seed: int, config: TestbedConfig | ObjectsConfig) -> TestbedDataset | ObjectsDataset:
-    if isinstance(config, ObjectsConfig):
-        return build_objects_dataset(seed, config)
-    return build_dataset(seed, config)
-
-
-def _config_from_json(raw: dict) -> TrainConfig:
-    data = data_config_from_json(raw.pop("data"))
-    model = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.pop("model").items()})
-    return TrainConfig(**raw, data=data, model=model)
-
-
-class Trainer:
-    """Holds the networks, the optimizer, the EMA copy and the pre-encoded data of one run."""
+class UntrainedModel:
+    """The untrained model of one recipe: dataset, tokenizer, frozen text encoder and the UNet's init."""
 
     def __init__(self, config: TrainConfig, out: Path, *, progress: bool = False) -> None:
         self.config = config
@@ -183,37 +172,7 @@ class Trainer:
         if config.text_encoder != "random":
             self.text_pretrain = self._pretrained_text_encoder(progress)
         torch.manual_seed(config.seed)  # the UNet's init does not depend on the encoder recipe
-        self.unet = build_unet(config.model).train()
-        self.ema = copy.deepcopy(self.unet).eval().requires_grad_(False)
-        self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=config.lr)
-        self.noise_schedule = DDPMScheduler(
-            num_train_timesteps=1000,
-            beta_schedule="squaredcos_cap_v2",
-            prediction_type=config.prediction_type,
-        )
-        pairs = self.dataset.training_pairs()
-        index = {item.item_id: i for i, item in enumerate(self.dataset.items)}
-        self.pair_items = torch.tensor([index[item_id] for item_id, _ in pairs])
-        train_items = sorted({index[item_id] for item_id, _ in pairs})
-        size = config.data.canvas_size
-        self.images = torch.zeros(len(self.dataset.items), 3, size, size)
-        self.images[train_items] = torch.from_numpy(
-            self.dataset.images([self.dataset.items[i] for i in train_items])
-        )
-        self.tokens = torch.cat(
-            [tokenize(self.tokenizer, captions[i : i + 4096]) for i in range(0, len(captions), 4096)]
-        )
-        state_bytes = len(captions) * self.tokens.shape[1] * config.model.text_hidden * 4
-        self.embeddings: torch.Tensor | None = None  # None: too large to keep, encoded per batch
-        with torch.no_grad():
-            if state_bytes <= EMBEDDING_BUDGET_BYTES:
-                self.embeddings = torch.cat(
-                    [self.text_encoder(self.tokens[i : i + 256])[0] for i in range(0, len(captions), 256)]
-                )
-            self.empty = self.text_encoder(tokenize(self.tokenizer, [""]))[0]
-        self.step = 0
-        self.sink_log: list[dict] = []
-        self._pass_orders: dict[int, np.ndarray] = {}  # sampling="epochs": the current passes' orders
+        self.unet = build_unet(config.model).eval()
 
     def _pretrained_text_encoder(self, progress: bool) -> dict:
         """Pre-train the encoder (seeded), or load what an earlier start of this run stored."""
@@ -263,174 +222,38 @@ class Trainer:
         os.replace(partial, stored)
         return info
 
-    # ---- one step -----------------------------------------------------------------------------
-    def encode(self, rows: torch.Tensor) -> torch.Tensor:
-        """The frozen encoder's states for the captions of items ``rows``: pre-encoded once when they
-        fit in ``EMBEDDING_BUDGET_BYTES`` (every recipe but the one-pass one), else encoded per batch."""
-        if self.embeddings is not None:
-            return self.embeddings[rows].clone()
-        with torch.no_grad():
-            return self.text_encoder(self.tokens[rows])[0]
-
-    def _pass_order(self, index: int) -> np.ndarray:
-        """The seeded permutation of pass ``index`` (sampling="epochs"); the last two are kept."""
-        if index not in self._pass_orders:
-            rng = np.random.default_rng((self.config.seed, _PASS_STREAM, index))
-            order = rng.permutation(len(self.pair_items))
-            self._pass_orders = {k: v for k, v in self._pass_orders.items() if k == index - 1}
-            self._pass_orders[index] = order
-        return self._pass_orders[index]
-
-    def batch_rows(self, generator: torch.Generator) -> torch.Tensor:
-        """The items of this step's batch: uniform draws, or the next slice of a seeded pass."""
-        cfg, n = self.config, len(self.pair_items)
-        if cfg.sampling == "uniform":
-            return self.pair_items[torch.randint(n, (cfg.batch_size,), generator=generator)]
-        positions = range(self.step * cfg.batch_size, (self.step + 1) * cfg.batch_size)
-        return self.pair_items[[int(self._pass_order(p // n)[p % n]) for p in positions]]
-
-    def train_step(self) -> float:
-        cfg = self.config
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
-        rows = self.batch_rows(generator)
-        clean = self.images[rows]
-        context = self.encode(rows)
-        drop = torch.rand(cfg.batch_size, generator=generator) < cfg.caption_dropout
-        context[drop] = self.empty
-        noise = torch.randn(clean.shape, generator=generator)
-        timesteps = torch.randint(0, 1000, (cfg.batch_size,), generator=generator)
-        noisy = self.noise_schedule.add_noise(clean, noise, timesteps)
-        prediction = self.unet(noisy, timesteps, encoder_hidden_states=context).sample
-        target = (
-            noise
-            if cfg.prediction_type == "epsilon"
-            else self.noise_schedule.get_velocity(clean, noise, timesteps)
-        )
-        loss = F.mse_loss(prediction, target)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.step += 1
-        decay = min(cfg.ema_decay, (1 + self.step) / (10 + self.step))
-        with torch.no_grad():
-            torch._foreach_lerp_(list(self.ema.parameters()), list(self.unet.parameters()), 1 - decay)
-        return float(loss.detach())
-
-    # ---- checkpoints --------------------------------------------------------------------------
-    def save_checkpoint(self) -> Path:
-        root = self.out / CHECKPOINTS
-        root.mkdir(parents=True, exist_ok=True)
-        final = root / f"step-{self.step:07d}"
-        partial = root / f".partial-{self.step:07d}"
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir()
-        save_file(self.unet.state_dict(), partial / "unet.safetensors")
-        save_file(self.ema.state_dict(), partial / "ema.safetensors")
-        tensors, groups = _flatten_optimizer(self.optimizer.state_dict())
-        save_file(tensors, partial / "optimizer.safetensors")
-        self.sink_log.append(self.attention_shares())
-        (partial / "state.json").write_text(
-            json.dumps(
-                {
-                    "step": self.step,
-                    "param_groups": groups,
-                    "config": asdict(self.config),
-                    "sink_log": self.sink_log,
-                }
-            )
-        )
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(partial, final)
-        return final
-
-    def load_checkpoint(self, path: Path) -> None:
-        try:
-            state = json.loads((path / "state.json").read_text())
-            self.unet.load_state_dict(load_file(path / "unet.safetensors"))
-            self.ema.load_state_dict(load_file(path / "ema.safetensors"))
-            self.optimizer.load_state_dict(
-                _unflatten_optimizer(load_file(path / "optimizer.safetensors"), state)
-            )
-        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
-            raise MemattnError(
-                f"checkpoint {path} is missing or corrupt ({type(error).__name__}: {str(error)[:120]}); "
-                "delete it to resume from the one before, or start again without --resume"
-            ) from None
-        # The number of steps only says where to stop (no schedule depends on it): a run may be extended.
-        if replace(_config_from_json(state["config"]), steps=0) != replace(self.config, steps=0):
-            raise MemattnError(
-                f"checkpoint {path} was written by a different recipe; use a new --out directory"
-            )
-        self.step = int(state["step"])
-        self.sink_log = list(state.get("sink_log", []))
-
-    def attention_shares(self) -> dict:
-        """Where the EMA UNet's text attention goes now: BOS / prompt / summary share per layer.
-
-        On a fixed probe (up to 32 seen-once and all 128-copy training pairs, their own images noised at
-        t = 999, 500, 100, seeded): the sink hunt's per-checkpoint log. A few seconds per checkpoint.
-        """
-        from memattn.testbed.sink import attention_shares
-
-        return {"step": self.step, **attention_shares(self)}
-
-    # ---- export -------------------------------------------------------------------------------
-    def export(self, target: Path, manifest: dict, progress: bool = False) -> Path:
+    def export(self, target: Path, manifest: dict, *, classifier: bool, progress: bool = False) -> Path:
+        """Save the untrained pipeline with its manifest (and, if asked, the attribute classifier)."""
         pipe = assemble_pipeline(
-            copy.deepcopy(self.ema).eval(), self.text_encoder, self.tokenizer, self.config.prediction_type
+            copy.deepcopy(self.unet), self.text_encoder, self.tokenizer, self.config.prediction_type
         )
-        tmp = target.with_name(target.name + ".partial")
+        tmp = target.with_name("." + target.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         pipe.save_pretrained(tmp, safe_serialization=True)
-        classifier, accuracy = train_classifier(
-            self.dataset, seed=self.config.seed, steps=self.config.classifier_steps, progress=progress
-        )
-        save_classifier(classifier, accuracy, tmp / CLASSIFIER_FILE)
-        manifest = {
-            **manifest,
-            "attribute_classifier_held_out_accuracy": accuracy,
-            "text_encoder_pretraining": self.text_pretrain,
-            "sink_log": self.sink_log,
-        }
-        (tmp / "memattn_testbed.json").write_text(json.dumps(manifest, indent=1))
+        manifest = {**manifest, "text_encoder_pretraining": self.text_pretrain}
+        if classifier:
+            manifest.update(self.add_classifier(tmp, progress))
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
         return target
 
-
-def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    tensors = {
-        f"{index}.{key}": value.detach().clone().contiguous()
-        for index, entry in state["state"].items()
-        for key, value in entry.items()
-    }
-    return tensors, state["param_groups"]
-
-
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], state: dict) -> dict:
-    entries: dict[int, dict[str, torch.Tensor]] = {}
-    for name, value in tensors.items():
-        index, key = name.split(".", 1)
-        entries.setdefault(int(index), {})[key] = value
-    return {"state": entries, "param_groups": state["param_groups"]}
+    def add_classifier(self, pipeline: Path, progress: bool = False) -> dict:
+        """Train the attribute classifier (seeded) into ``pipeline``; returns its manifest entry."""
+        model, accuracy = train_classifier(
+            self.dataset, seed=self.config.seed, steps=self.config.classifier_steps, progress=progress
+        )
+        save_classifier(model, accuracy, pipeline / CLASSIFIER_FILE)
+        return {"attribute_classifier_held_out_accuracy": accuracy}
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    """The newest complete checkpoint (partial ones start with a dot and are never picked)."""
-    root = out / CHECKPOINTS
-    if not root.is_dir():
-        return None
-    complete = sorted(p for p in root.glob("step-*") if (p / "state.json").is_file())
-    return complete[-1] if complete else None
-
-
-def manifest(trainer: Trainer, seconds: float, command: str) -> dict:
-    dataset = trainer.dataset
+def manifest(base: UntrainedModel, seconds: float, command: str) -> dict:
+    dataset = base.dataset
     return {
         "memattn_version": __version__,
         "command": command,
-        "seed": trainer.config.seed,
-        "config": asdict(trainer.config),
+        "seed": base.config.seed,
+        "config": asdict(base.config),
         "training_seconds": round(seconds, 1),
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}",
         "summary": dataset.summary(),
@@ -451,35 +274,85 @@ def manifest(trainer: Trainer, seconds: float, command: str) -> dict:
     }
 
 
-def train(config: TrainConfig, out: Path, *, resume: bool = True, progress: bool = True) -> Path:
-    """Train (or resume) into ``out``; returns the exported pipeline directory ``out / "pipeline"``."""
-    out.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(config, out, progress=progress)
-    latest = latest_checkpoint(out) if resume else None
-    if latest is not None:
-        trainer.load_checkpoint(latest)
-    started = time.time()
-    bar = tqdm(total=config.steps, initial=trainer.step, desc="train testbed", disable=not progress)
-    while trainer.step < config.steps:
-        loss = trainer.train_step()
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}")
-        if trainer.step % config.checkpoint_every == 0 or trainer.step == config.steps:
-            trainer.save_checkpoint()
-    bar.close()
-    command = " ".join(["memattn", *sys.argv[1:]]) if sys.argv else "memattn testbed train"
-    return trainer.export(
-        out / "pipeline", manifest(trainer, time.time() - started, command), progress=progress
+def from_testbed_recipe(
+    recipe: TrainConfig,
+    base: Path,
+    output_dir: Path,
+    mitigation: MitigationConfig | None = None,
+    **overrides: Any,
+) -> FinetuneConfig:
+    """The loop's options that run a testbed recipe (batch, lr, dropout, EMA, sampling, no clipping)."""
+    config = FinetuneConfig(
+        output_dir=str(output_dir),
+        model=str(base),
+        data="testbed",
+        max_train_steps=recipe.steps,
+        train_batch_size=recipe.batch_size,
+        learning_rate=recipe.lr,
+        max_grad_norm=None,
+        caption_dropout=recipe.caption_dropout,
+        use_ema=True,
+        ema_decay=recipe.ema_decay,
+        checkpointing_steps=recipe.checkpoint_every,
+        seed=recipe.seed,
+        sampling=recipe.sampling,
+        mitigation=mitigation or MitigationConfig(),
+        progress=False,
     )
+    return replace(config, **overrides)
+
+
+def untrained_testbed(recipe: TrainConfig, out: Path, *, progress: bool = False) -> Path:
+    """An untrained testbed model for ``recipe``, saved as a pipeline: ``out/pipeline``.
+
+    The UNet, text encoder and tokenizer are exactly what ``memattn testbed train`` starts from (same
+    seeds), with the recipe's manifest and attribute classifier, so ``memattn finetune --data testbed``
+    trains on the recipe's data and the result can be judged by ``memattn.testbed.evaluate``.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = UntrainedModel(recipe, out, progress=progress)
+    note = f"memattn.testbed.train.untrained_testbed (untrained; recipe seed {recipe.seed})"
+    return base.export(out / PIPELINE, manifest(base, 0.0, note), classifier=True, progress=progress)
+
+
+def sink_probe(dataset: TestbedDataset | ObjectsDataset) -> Any:
+    """The per-checkpoint entry of a testbed run: where the EMA UNet's text attention goes (a few s)."""
+    from memattn.testbed.sink import attention_shares
+
+    def probe(tuner: Finetuner) -> dict:
+        unet = tuner.ema if tuner.ema is not None else tuner.model
+        return attention_shares(dataset, unet, tuner.tokenizer, tuner.encode, tuner.noise_schedule)
+
+    return probe
+
+
+def train(config: TrainConfig, out: Path, *, resume: bool = True, progress: bool = True) -> Path:
+    """Train (or resume) into ``out``; returns the exported pipeline directory ``out / "pipeline"``.
+
+    ``resume=False`` starts again: the checkpoints and step log already in ``out`` are removed first.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+        (out / LOG_FILE).unlink(missing_ok=True)
+    base = UntrainedModel(config, out, progress=progress)
+    base_dir = base.export(out / BASE, manifest(base, 0.0, "untrained base"), classifier=False)
+    tune = from_testbed_recipe(config, base_dir, out, resume_from_checkpoint="latest", progress=progress)
+    command = " ".join(["memattn", *sys.argv[1:]]) if sys.argv else "memattn testbed train"
+    started = time.time()
+    target = finetune(tune, command=command, on_checkpoint=sink_probe(base.dataset))
+    run = json.loads((target / RUN_FILE).read_text())
+    final = manifest(base, run["training_seconds"], command)
+    final["config"] = asdict(replace(config, steps=run["steps"]))
+    final["text_encoder_pretraining"] = base.text_pretrain
+    final["sink_log"] = run.get("checkpoint_log", [])
+    final.update(base.add_classifier(target, progress))
+    final["wall_seconds"] = round(time.time() - started, 1)
+    (target / MANIFEST).write_text(json.dumps(final, indent=1))
+    return target
 
 
 def with_steps(config: TrainConfig, steps: int | None) -> TrainConfig:
     return config if steps is None else replace(config, steps=steps)
-
-
-def export_checkpoint(run: Path, checkpoint: Path, target: Path) -> Path:
-    """Export the EMA weights of one checkpoint of ``run`` as a pipeline (to study training dynamics)."""
-    state = json.loads((checkpoint / "state.json").read_text())
-    trainer = Trainer(_config_from_json(state["config"]), run)
-    trainer.load_checkpoint(checkpoint)
-    return trainer.export(target, manifest(trainer, float("nan"), f"export of {checkpoint}"))

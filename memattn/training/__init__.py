@@ -5,7 +5,8 @@ recipe is a configuration of this loop (``memattn.testbed.train``)."""
 from memattn.training.checkpoints import latest_checkpoint, read_log
 from memattn.training.config import CHECKPOINTS, LOG_FILE, MITIGATIONS, FinetuneConfig, MitigationConfig
 from memattn.training.data import TrainData, load_folder_data, load_testbed_data
-from memattn.training.loop import Finetuner, finetune, from_testbed_recipe, untrained_testbed
+from memattn.training.loop import Finetuner
+from memattn.training.run import finetune
 
 __all__ = [
     "CHECKPOINTS",
@@ -16,10 +17,8 @@ __all__ = [
     "MitigationConfig",
     "TrainData",
     "finetune",
-    "from_testbed_recipe",
     "latest_checkpoint",
     "load_folder_data",
     "load_testbed_data",
     "read_log",
-    "untrained_testbed",
 ]

@@ -1,4 +1,5 @@
-"""Checkpoint lookup and integrity, and the per-step JSONL log."""
+"""Checkpoints of the training loop (lookup, integrity, the optimizer's safetensors form) and the
+per-step JSONL log: the one module that knows how a run is stored."""
 
 from __future__ import annotations
 
@@ -8,17 +9,40 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from memattn.errors import MemattnError
-from memattn.training.config import LOG_FILE
+from memattn.training.config import CHECKPOINTS, LOG_FILE
 
 # ---- checkpoints -------------------------------------------------------------------------------------
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
     """The newest complete checkpoint (temporary ``.partial-*`` directories are never picked)."""
-    from memattn.testbed.train import latest_checkpoint as latest
+    root = Path(output_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return None
+    complete = sorted(p for p in root.glob("step-*") if (p / "state.json").is_file())
+    return complete[-1] if complete else None
 
-    return latest(Path(output_dir))
+
+def flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """An optimizer state as safetensors tensors (``"<param>.<key>"``) plus its JSON param groups."""
+    tensors = {
+        f"{index}.{key}": value.detach().clone().contiguous()
+        for index, entry in state["state"].items()
+        for key, value in entry.items()
+    }
+    return tensors, state["param_groups"]
+
+
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], param_groups: list[dict]) -> dict:
+    """The inverse of :func:`flatten_optimizer`, ready for ``optimizer.load_state_dict``."""
+    entries: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        index, key = name.split(".", 1)
+        entries.setdefault(int(index), {})[key] = value
+    return {"state": entries, "param_groups": param_groups}
 
 
 def fsync_path(path: Path) -> None:

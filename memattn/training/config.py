@@ -10,7 +10,7 @@ from memattn.attention.layers import parse_layers
 from memattn.errors import MemattnError
 
 MITIGATIONS = ("none", "entropy", "noise-norm", "caption-aug", "random-drop")
-CHECKPOINTS = "checkpoints"  # same layout as the testbed trainer (memattn.testbed.train)
+CHECKPOINTS = "checkpoints"
 PIPELINE = "pipeline"
 LOG_FILE = "log.jsonl"
 RUN_FILE = "memattn_finetune.json"
@@ -20,6 +20,8 @@ POSITION_KEYS = ("dropped_at", "no_caption", "augmented")  # log fields that ind
 TEXT_CACHE_BYTES = 1 << 30  # pre-encode every caption when the embeddings fit in this much memory
 IMAGE_CACHE_BYTES = 1 << 30
 RANDOM_DROP_STREAM = 0x5EED  # offsets random-drop's coin stream from the batch sampler's seeds
+SAMPLING = ("uniform", "epochs")  # rows drawn with replacement / seeded passes without replacement
+PASS_STREAM = 21  # random stream of the pass orders (sampling="epochs")
 STEP_FREE_SCHEDULES = ("constant", "constant_with_warmup")  # LR schedules that ignore max_train_steps
 # Fields that may change between a run and its resumption (they say where to stop or write, not how).
 RESUMABLE_FIELDS = (
@@ -83,7 +85,11 @@ class MitigationConfig:
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """One fine-tuning run. Defaults follow diffusers' train_text_to_image.py where it has one."""
+    """One fine-tuning run. Defaults follow diffusers' train_text_to_image.py where it has one.
+
+    ``sampling``: ``uniform`` draws every batch's rows with replacement (seeded per step); ``epochs``
+    walks seeded passes, so each pair is seen exactly once per pass (the testbed's one-pass recipe).
+    """
 
     output_dir: str
     model: str = "testbed"
@@ -109,6 +115,7 @@ class FinetuneConfig:
     checkpoints_total_limit: int | None = None
     resume_from_checkpoint: str | None = None
     seed: int = 0
+    sampling: str = "uniform"
     mitigation: MitigationConfig = field(default_factory=MitigationConfig)
     progress: bool = True
 
@@ -121,6 +128,8 @@ class FinetuneConfig:
         ):
             if getattr(self, name) < 1:
                 raise MemattnError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.sampling not in SAMPLING:
+            raise MemattnError(f"sampling must be one of {', '.join(SAMPLING)}, got {self.sampling!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise MemattnError(f"mixed precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
         if not 0.0 <= self.caption_dropout <= 1.0:
@@ -148,6 +157,7 @@ class FinetuneConfig:
 def saved_recipe(saved: dict[str, Any]) -> dict[str, Any]:
     """A checkpoint's recorded recipe with mitigation options added since it was written set to their
     defaults (they cannot have been used then), so an older run still resumes."""
+    saved = {"sampling": "uniform", **saved}  # added after the first checkpoints were written
     mitigation = saved.get("mitigation")
     if not isinstance(mitigation, dict):
         return saved

@@ -22,7 +22,9 @@ class TrainData:
 
     ``caption_of_row[r]`` indexes ``captions`` (what gets pre-encoded, in this order); ``images(rows)``
     returns ``[N, 3, H, W]`` in [-1, 1]; ``ground_truth`` maps a sample id to what is known about it
-    (testbed: group, duplication, memorized).
+    (testbed: group, duplication, memorized). ``manifest`` is written to ``manifest_file`` of the
+    exported model and ``carried_files`` are copied from the base model to it: what describes the data
+    travels with a model trained on it (the testbed's ground truth and attribute classifier).
     """
 
     ids: list[Any]
@@ -31,6 +33,8 @@ class TrainData:
     images: Callable[[torch.Tensor], torch.Tensor]
     ground_truth: dict[Any, dict[str, Any]] | None = None
     manifest: dict[str, Any] | None = None
+    manifest_file: str | None = None
+    carried_files: tuple[str, ...] = ()
     description: str = ""
 
     def __len__(self) -> int:
@@ -39,8 +43,9 @@ class TrainData:
 
 def load_testbed_data(model: Path) -> TrainData:
     """The training pairs of the testbed dataset that ``model``'s manifest describes."""
+    from memattn.testbed.alignment import CLASSIFIER_FILE
     from memattn.testbed.data import MEMORIZED_GROUPS
-    from memattn.testbed.evaluate import dataset_for, load_manifest
+    from memattn.testbed.manifest import MANIFEST, dataset_for, load_manifest
 
     manifest = load_manifest(model)
     dataset = dataset_for(model)
@@ -67,6 +72,8 @@ def load_testbed_data(model: Path) -> TrainData:
         images=lambda rows: images[row_items[rows]],
         ground_truth=truth,
         manifest=manifest,
+        manifest_file=MANIFEST,
+        carried_files=(CLASSIFIER_FILE,),
         description=f"testbed (seed {dataset.seed}, {len(pairs)} training pairs of {len(train_items)} items)",
     )
 

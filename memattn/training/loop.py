@@ -12,14 +12,17 @@ final pipeline saved with ``save_pretrained`` (safetensors). What it adds:
   and which were dropped, the timesteps and the filter's scores, so precision/recall against known
   duplicates can be computed afterwards.
 - Reproducibility: every micro-batch draws its rows, caption dropout, noise and timesteps from a
-  generator seeded by ``(seed, step, micro-step, process)``, as the testbed trainer does; nothing else
-  is random, so a run killed and resumed from a checkpoint takes exactly the uninterrupted run's steps
-  (bit-exact on CPU) and no RNG state needs saving. With the testbed recipe and ``--mitigation none``
-  the loop reproduces ``memattn testbed train`` bit for bit (tests/test_finetune.py).
+  generator seeded by ``(seed, step, micro-step, process)``; nothing else is random, so a run killed
+  and resumed from a checkpoint takes exactly the uninterrupted run's steps (bit-exact on CPU) and no
+  RNG state needs saving. ``memattn testbed train`` is this loop with the testbed's recipe
+  (:mod:`memattn.testbed.train`); it still trains, bit for bit, what the testbed's former trainer
+  trained (tests/test_testbed_train.py).
 - Checkpoints (``OUTPUT/checkpoints/step-NNNNNNN``): UNet, EMA and optimizer as safetensors plus a
   JSON state (step, recipe, LR schedule, filter windows, file sizes), written to a dot-named temporary
   directory, fsynced and renamed into place: a crash never leaves a half-written checkpoint that
   ``latest`` would pick. Missing, truncated or foreign checkpoints are one-line errors.
+
+:func:`memattn.training.run.finetune` drives it (resume point, progress bar, Ctrl-C).
 
 Data: ``testbed`` (the testbed dataset the base model's manifest describes; sample ids are item ids,
 so the known duplicates are the memorized groups) or a directory of images with ``captions.jsonl``
@@ -32,39 +35,36 @@ import copy
 import json
 import os
 import shutil
-import sys
 import time
-from collections.abc import Sequence
-from contextlib import nullcontext
-from dataclasses import asdict, replace
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from memattn.attention.layers import parse_layers
-from memattn.errors import Interrupted, MemattnError
-from memattn.interrupts import StopRequest
+from memattn.errors import MemattnError
 from memattn.training.checkpoints import (
-    StepLog,
     corrupt_checkpoint,
+    flatten_optimizer,
     fsync_path,
-    latest_checkpoint,
+    unflatten_optimizer,
 )
 from memattn.training.config import (
     CHECKPOINT_FORMAT,
     CHECKPOINTS,
-    LOG_FILE,
+    PASS_STREAM,
     PIPELINE,
     POSITION_KEYS,
     RANDOM_DROP_STREAM,
     RUN_FILE,
     TEXT_CACHE_BYTES,
     FinetuneConfig,
-    MitigationConfig,
     saved_recipe,
 )
 from memattn.training.data import load_folder_data, load_testbed_data
@@ -100,7 +100,9 @@ class Finetuner:
     leaving restores the UNet's processors. Export after leaving.
     """
 
-    def __init__(self, config: FinetuneConfig) -> None:
+    def __init__(
+        self, config: FinetuneConfig, *, on_checkpoint: Callable[[Finetuner], dict] | None = None
+    ) -> None:
         from accelerate import Accelerator
         from diffusers import DDPMScheduler
         from diffusers.optimization import get_scheduler
@@ -134,10 +136,8 @@ class Finetuner:
                 f"{config.model} has no unet/tokenizer: memattn finetune needs a UNet pipeline"
             )
         self.tokenizer = pipe.tokenizer
-        from memattn.testbed.model import PixelSpaceVAE
-
         self.text_encoder = self._frozen(pipe.text_encoder, device)
-        self.pixel_space = isinstance(pipe.vae, PixelSpaceVAE)  # images are their own latents
+        self.pixel_space = bool(getattr(pipe.vae, "pixel_space", False))  # images are their own latents
         self.vae = None if self.pixel_space else self._frozen(pipe.vae, device)
         self.noise_schedule = DDPMScheduler.from_config(pipe.scheduler.config)
         self.prediction_type = self.noise_schedule.config.prediction_type
@@ -174,6 +174,11 @@ class Finetuner:
         self._build_mitigation()
         self.step = 0
         self._trace: Any = None
+        self._pass_orders: dict[int, torch.Tensor] = {}  # sampling="epochs": the current passes' orders
+        # ``on_checkpoint(tuner)`` adds one entry per checkpoint (the testbed's sink probe); the list is
+        # saved with each checkpoint, restored on resume and exported with the run.
+        self.on_checkpoint = on_checkpoint
+        self.checkpoint_log: list[dict] = []
 
     def _frozen(self, module: torch.nn.Module | None, device: torch.device) -> Any:
         if module is None:
@@ -334,6 +339,26 @@ class Finetuner:
         index = self.accelerator.process_index * self.config.gradient_accumulation_steps + micro
         return self.config.seed * 1_000_003 + self.step + index * 1_000_000_007
 
+    def _pass_order(self, index: int) -> torch.Tensor:
+        """The seeded permutation of pass ``index`` (sampling="epochs"); the last two are kept."""
+        if index not in self._pass_orders:
+            rng = np.random.default_rng((self.config.seed, PASS_STREAM, index))
+            order = torch.from_numpy(rng.permutation(len(self.data)))
+            self._pass_orders = {k: v for k, v in self._pass_orders.items() if k == index - 1}
+            self._pass_orders[index] = order
+        return self._pass_orders[index]
+
+    def _batch_rows(self, micro: int, generator: torch.Generator) -> torch.Tensor:
+        """This micro-batch's rows: uniform draws, or the next slice of the seeded passes (every process
+        and micro-step takes its own slice, in a fixed order, so a resumed run takes the same rows)."""
+        cfg, n = self.config, self.config.train_batch_size
+        if cfg.sampling == "uniform":
+            return torch.randint(len(self.data), (n,), generator=generator)
+        acc = self.accelerator
+        index = (self.step * cfg.gradient_accumulation_steps + micro) * acc.num_processes + acc.process_index
+        size = len(self.data)
+        return torch.stack([self._pass_order(p // size)[p % size] for p in range(index * n, (index + 1) * n)])
+
     def _latents(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         device = self.accelerator.device
         if self.pixel_space:
@@ -362,7 +387,7 @@ class Finetuner:
             generator = torch.Generator().manual_seed(key)
             torch.manual_seed(key)  # anything else random in the model (dropout) follows the step too
             n = cfg.train_batch_size
-            rows = torch.randint(len(self.data), (n,), generator=generator)
+            rows = self._batch_rows(micro, generator)
             images = self.data.images(rows)
             if cfg.random_flip:
                 flip = torch.rand(n, generator=generator) < 0.5
@@ -441,8 +466,6 @@ class Finetuner:
     # ---- checkpoints --------------------------------------------------------------------------
     def save_checkpoint(self) -> Path | None:
         """Write ``checkpoints/step-N`` atomically (main process); returns it."""
-        from memattn.testbed.train import _flatten_optimizer
-
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return None
@@ -452,7 +475,7 @@ class Finetuner:
         partial = root / f".partial-{self.step:07d}"
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir()
-        tensors, groups = _flatten_optimizer(self.optimizer.state_dict())
+        tensors, groups = flatten_optimizer(self.optimizer.state_dict())
         files = {"unet.safetensors": self.model.state_dict(), "optimizer.safetensors": tensors}
         if self.ema is not None:
             files["ema.safetensors"] = self.ema.state_dict()
@@ -465,6 +488,7 @@ class Finetuner:
             "param_groups": groups,
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "filter": self._filters_state(),
+            "checkpoint_log": self._checkpoint_log_now(),
             "files": {name: (partial / name).stat().st_size for name in files},
         }
         (partial / "state.json").write_text(json.dumps(state))
@@ -477,6 +501,11 @@ class Finetuner:
         self._prune(root)
         return final
 
+    def _checkpoint_log_now(self) -> list[dict]:
+        if self.on_checkpoint is not None and not any(e["step"] == self.step for e in self.checkpoint_log):
+            self.checkpoint_log.append({"step": self.step, **self.on_checkpoint(self)})
+        return self.checkpoint_log
+
     def _prune(self, root: Path) -> None:
         limit = self.config.checkpoints_total_limit
         if limit is None:
@@ -487,8 +516,6 @@ class Finetuner:
 
     def load_checkpoint(self, path: Path) -> None:
         """Restore weights, optimizer, LR schedule, filter windows and step; clear errors otherwise."""
-        from memattn.testbed.train import _unflatten_optimizer
-
         path = Path(path)
         if not path.is_dir():
             raise MemattnError(
@@ -521,13 +548,14 @@ class Finetuner:
             if self.ema is not None:
                 self.ema.load_state_dict(load_file(path / "ema.safetensors"))
             self.optimizer.load_state_dict(
-                _unflatten_optimizer(load_file(path / "optimizer.safetensors"), state)
+                unflatten_optimizer(load_file(path / "optimizer.safetensors"), state["param_groups"])
             )
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
             self._load_filters_state(state.get("filter", {}))
         except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
             raise corrupt_checkpoint(path, f"{type(error).__name__}: {str(error)[:160]}") from None
         self.step = int(state["step"])
+        self.checkpoint_log = list(state.get("checkpoint_log", []))
 
     # ---- export -------------------------------------------------------------------------------
     def export(self, seconds: float, command: str = "") -> Path:
@@ -538,9 +566,6 @@ class Finetuner:
         target = self.out / PIPELINE
         if not self.accelerator.is_main_process:
             return target
-        from memattn.testbed.alignment import CLASSIFIER_FILE
-        from memattn.testbed.evaluate import MANIFEST
-
         unet = copy.deepcopy(self.ema if self.ema is not None else self.model).eval().requires_grad_(False)
         tmp = target.with_name("." + target.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -558,147 +583,19 @@ class Finetuner:
             "base": str(self.base),
             "data": self.data.description,
             "mitigation": self.config.mitigation.describe(),
+            **({"checkpoint_log": self.checkpoint_log} if self.checkpoint_log else {}),
         }
         (tmp / RUN_FILE).write_text(json.dumps(run, indent=1))
-        if self.data.manifest is not None:  # a testbed base: keep its ground truth and alignment measure
+        if self.data.manifest is not None and self.data.manifest_file:  # keep the data's ground truth
             manifest = copy.deepcopy(self.data.manifest)
             manifest["command"] = command or manifest.get("command", "")
             manifest["training_seconds"] = round(seconds, 1)
             manifest.setdefault("config", {})["steps"] = self.step
             manifest["finetune"] = run
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-            if (self.base / CLASSIFIER_FILE).is_file():
-                shutil.copyfile(self.base / CLASSIFIER_FILE, tmp / CLASSIFIER_FILE)
+            (tmp / self.data.manifest_file).write_text(json.dumps(manifest, indent=1))
+        for name in self.data.carried_files:  # e.g. the testbed's alignment measure
+            if (self.base / name).is_file():
+                shutil.copyfile(self.base / name, tmp / name)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
         return target
-
-
-def _resume_point(config: FinetuneConfig, out: Path) -> Path | None:
-    existing = latest_checkpoint(out)
-    resume = config.resume_from_checkpoint
-    if resume is None:
-        if existing is not None:
-            raise MemattnError(
-                f"{out} already holds checkpoints (latest: {existing.name}); pass "
-                "--resume-from-checkpoint latest to continue that run, or choose a new --output-dir"
-            )
-        return None
-    if resume == "latest":
-        return existing
-    path = Path(resume)
-    if not path.exists() and not path.is_absolute():
-        candidate = out / CHECKPOINTS / resume
-        path = candidate if candidate.exists() else path
-    if not path.is_dir():
-        raise MemattnError(
-            f"checkpoint {resume} does not exist; pass a checkpoints/step-N directory or 'latest'"
-        )
-    return path
-
-
-def finetune(config: FinetuneConfig, *, command: str | None = None) -> Path:
-    """Train (or resume) into ``config.output_dir``; returns the exported pipeline directory."""
-    from tqdm.auto import tqdm
-
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    checkpoint = _resume_point(config, out)
-    if command is None:
-        command = " ".join(["memattn", *sys.argv[1:]]) if sys.argv else "memattn finetune"
-    tuner = Finetuner(config)
-    main = tuner.accelerator.is_main_process
-    if checkpoint is not None:
-        tuner.load_checkpoint(checkpoint)
-    elif config.resume_from_checkpoint == "latest" and main and config.progress:
-        print(f"no checkpoint in {out / CHECKPOINTS}: starting a new run", file=sys.stderr)
-    log = StepLog(out / LOG_FILE, tuner.step, enabled=main)
-    seconds = 0.0
-    dropped = seen = 0
-    bar = tqdm(
-        total=config.max_train_steps,
-        initial=tuner.step,
-        desc="finetune",
-        disable=not (config.progress and main),
-    )
-    # One process: the first Ctrl-C finishes the step in hand and checkpoints it. Several processes
-    # would each have to agree on the step first, so there Ctrl-C stops at once (last checkpoint kept).
-    graceful = tuner.accelerator.num_processes == 1
-    stop = StopRequest("finishing this step, then writing a checkpoint")
-    try:
-        with tuner, stop if graceful else nullcontext(stop):
-            while tuner.step < config.max_train_steps:
-                entry = tuner.train_step()
-                seconds += entry["seconds"]
-                dropped, seen = dropped + entry["dropped"], seen + entry["n"]
-                log.write(entry)
-                bar.update(1)
-                bar.set_postfix(loss=f"{entry['loss']:.4f}", drop=f"{dropped / max(seen, 1):.1%}")
-                at_end = tuner.step == config.max_train_steps
-                if stop.requested or tuner.step % config.checkpointing_steps == 0 or at_end:
-                    tuner.save_checkpoint()
-                if stop.requested and not at_end:
-                    raise KeyboardInterrupt
-    except KeyboardInterrupt:
-        raise Interrupted(_kept_after_interrupt(out, config.max_train_steps)) from None
-    finally:
-        bar.close()
-        log.close()
-    return tuner.export(seconds, command)
-
-
-def _kept_after_interrupt(out: Path, total: int) -> str:
-    """What an interrupted run leaves: its latest checkpoint and how to go on, or that nothing was kept."""
-    checkpoint = latest_checkpoint(out)
-    if checkpoint is None:
-        return (
-            f"no training step finished, nothing kept in {out} (checkpoints come every "
-            "--checkpointing-steps and on Ctrl-C); rerun the same command to start again"
-        )
-    step = int(checkpoint.name.removeprefix("step-"))
-    return (
-        f"checkpoint {checkpoint} kept (step {step} of {total}); rerun the same command with "
-        "--resume-from-checkpoint latest to resume"
-    )
-
-
-# ---- the testbed as a base ---------------------------------------------------------------------------
-
-
-def untrained_testbed(recipe: Any, out: Path, *, progress: bool = False) -> Path:
-    """An untrained testbed model for ``recipe`` (a ``TrainConfig``), saved as a pipeline: ``out/pipeline``.
-
-    The UNet, text encoder and tokenizer are exactly what ``memattn testbed train`` starts from (same
-    seeds), with the recipe's manifest and attribute classifier, so ``--data testbed`` trains on the
-    recipe's data and the result can be judged by ``memattn.testbed.evaluate``.
-    """
-    from memattn.testbed.train import Trainer, manifest
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(recipe, out)
-    note = f"memattn.training.untrained_testbed (untrained; recipe seed {recipe.seed})"
-    return trainer.export(out / PIPELINE, manifest(trainer, 0.0, note), progress=progress)
-
-
-def from_testbed_recipe(
-    recipe: Any, base: Path, output_dir: Path, mitigation: MitigationConfig | None = None, **overrides: Any
-) -> FinetuneConfig:
-    """The finetune options that replay a testbed ``TrainConfig`` (batch, lr, dropout, EMA, no clipping)."""
-    config = FinetuneConfig(
-        output_dir=str(output_dir),
-        model=str(base),
-        data="testbed",
-        max_train_steps=recipe.steps,
-        train_batch_size=recipe.batch_size,
-        learning_rate=recipe.lr,
-        max_grad_norm=None,
-        caption_dropout=recipe.caption_dropout,
-        use_ema=True,
-        ema_decay=recipe.ema_decay,
-        checkpointing_steps=recipe.checkpoint_every,
-        seed=recipe.seed,
-        mitigation=mitigation or MitigationConfig(),
-        progress=False,
-    )
-    return replace(config, **overrides)
