@@ -42,3 +42,11 @@ def run_cli(app: Any) -> None:
     except MemattnError as error:
         sys.stderr.write(f"error: {error}\n")
         raise SystemExit(2) from None
+    except ModuleNotFoundError as error:
+        from memattn.extras import missing_extra
+
+        message = missing_extra(error)
+        if message is None:
+            raise
+        sys.stderr.write(f"error: {message}\n")
+        raise SystemExit(2) from None
