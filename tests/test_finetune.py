@@ -49,6 +49,26 @@ def same_weights(a: Path, b: Path) -> bool:
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def same_final_state(a: Path, b: Path) -> list[str]:
+    """What differs between two runs' last checkpoints (UNet, EMA, optimizer tensors, LR schedule,
+    filter windows) and exported weights; empty when they are bit-identical. Names say which part."""
+    ca, cb = latest_checkpoint(a), latest_checkpoint(b)
+    differ = [] if same_weights(a, b) else ["exported pipeline"]
+    for name in ("unet.safetensors", "ema.safetensors", "optimizer.safetensors"):
+        ta, tb = load_file(ca / name), load_file(cb / name)
+        for k in sorted(ta.keys() | tb.keys()):
+            if k not in ta or k not in tb or not torch.equal(ta[k], tb[k]):
+                differ.append(f"{name}:{k}")
+    sa, sb = (json.loads((c / "state.json").read_text()) for c in (ca, cb))
+    differ += [key for key in ("step", "lr_scheduler", "filter", "param_groups") if sa[key] != sb[key]]
+    return differ
+
+
+def training_trace(run: Path) -> list[dict]:
+    """A run's log without its timings: what each step drew, decided and lost."""
+    return [{k: v for k, v in e.items() if k != "seconds"} for e in read_log(run)]
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     return untrained_testbed(TINY, tmp_path_factory.mktemp("base"))
@@ -113,6 +133,7 @@ def test_monitoring_changes_no_weight(base, plain, tmp_path):
     """The probe's output path and the extra no-grad pass leave training bit-identical."""
     finetune(config(base, tmp_path, mitigation=MitigationConfig(monitor=True)))
     assert same_weights(plain, tmp_path)
+    assert same_final_state(plain, tmp_path) == []  # the trained UNet and optimizer too, not only EMA
     entry = read_log(tmp_path)[0]
     assert len(entry["entropy"]) == len(entry["noise_norm"]) == 8
     assert len(entry["layer_entropy"]) == 8 and len(entry["layer_entropy"][0]) == 7
@@ -220,6 +241,71 @@ def test_sigkill_then_resume_latest_is_bit_exact(base, tmp_path):
     assert [e["step"] for e in read_log(tmp_path / "killed")] == list(range(1, 31))
 
 
+# ---- testbed v2: resume and monitoring are bit-exact there too ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def objects_base(tmp_path_factory) -> Path:
+    return untrained_testbed(TINY_OBJECTS, tmp_path_factory.mktemp("objects-base"))
+
+
+def objects_config(base: Path, out: Path, **kwargs) -> FinetuneConfig:
+    mitigation = kwargs.pop("mitigation", None)
+    return from_testbed_recipe(TINY_OBJECTS, base, out, mitigation, **kwargs)
+
+
+def sigkill_then_resume(run: FinetuneConfig) -> str:
+    """Train ``run`` in a subprocess, SIGKILL it soon after its first checkpoint, resume it with
+    ``--resume-from-checkpoint latest`` to the end; returns the checkpoint the kill left."""
+    out = Path(run.output_dir)
+    command = [sys.executable, "-m", "memattn.cli.finetune", "finetune", *cli_args(run), "--no-progress"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + HANG_GUARD_S
+    while time.time() < deadline and latest_checkpoint(out) is None and process.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = latest_checkpoint(out)
+    final = f"step-{run.max_train_steps:07d}"
+    assert killed_at is not None and killed_at.name != final, process.stderr.read().decode()[-2000:]
+    assert not (out / "pipeline").exists()
+    resumed = subprocess.run(
+        [*command, "--resume-from-checkpoint", "latest"], capture_output=True, text=True, timeout=HANG_GUARD_S
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    return killed_at.name
+
+
+def test_v2_monitoring_changes_no_weight(objects_base, tmp_path):
+    """On v2 (pre-trained frozen encoder, object scene) the probe and the extra pass only observe."""
+    finetune(objects_config(objects_base, tmp_path / "none"))
+    finetune(objects_config(objects_base, tmp_path / "monitor", mitigation=MitigationConfig(monitor=True)))
+    assert same_final_state(tmp_path / "none", tmp_path / "monitor") == []
+    monitored = training_trace(tmp_path / "monitor")
+    plain_steps = training_trace(tmp_path / "none")
+    signals = ("entropy", "layer_entropy", "noise_norm")
+    assert [{k: v for k, v in e.items() if k not in signals} for e in monitored] == plain_steps
+    assert all(len(e["entropy"]) == len(e["noise_norm"]) == e["n"] for e in monitored)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("monitor", [False, True], ids=["none", "monitor"])
+def test_v2_sigkill_then_resume_latest_is_bit_exact(objects_base, tmp_path, monitor):
+    """The v1 test's twin on v2 data; with the monitor on, the resumed run also equals plain `none`."""
+    mitigation = MitigationConfig(monitor=monitor)
+    long = objects_config(objects_base, tmp_path / "killed", max_train_steps=24, checkpointing_steps=2)
+    long = replace(long, mitigation=mitigation)
+    sigkill_then_resume(long)
+    finetune(replace(long, output_dir=str(tmp_path / "straight")))
+    assert same_final_state(tmp_path / "killed", tmp_path / "straight") == []
+    assert training_trace(tmp_path / "killed") == training_trace(tmp_path / "straight")
+    assert [e["step"] for e in read_log(tmp_path / "killed")] == list(range(1, 25))
+    if monitor:
+        finetune(replace(long, output_dir=str(tmp_path / "none"), mitigation=MitigationConfig()))
+        assert same_final_state(tmp_path / "killed", tmp_path / "none") == []
+
+
 def test_ctrl_c_finishes_the_step_checkpoints_it_and_says_how_to_resume(base, tmp_path):
     from memattn.training.run import _kept_after_interrupt
 
@@ -250,6 +336,27 @@ def test_ctrl_c_finishes_the_step_checkpoints_it_and_says_how_to_resume(base, tm
     finetune(replace(run, output_dir=str(tmp_path / "straight")))
     assert same_weights(tmp_path / "stopped", tmp_path / "straight")
     assert "nothing kept" in _kept_after_interrupt(tmp_path / "empty", 30)
+
+
+def test_a_checkpoint_past_the_requested_end_is_refused(base, tmp_path):
+    """Exporting it would report more steps than asked for: one line says how to go on instead."""
+    finetune(config(base, tmp_path, max_train_steps=4, checkpointing_steps=2))
+    with pytest.raises(MemattnError, match="is at step 4, past --max-train-steps 2: resume it with"):
+        finetune(config(base, tmp_path, max_train_steps=2, resume_from_checkpoint="latest"))
+
+
+def test_resuming_at_another_thread_count_says_the_run_is_no_longer_bit_exact(base, tmp_path, capsys):
+    finetune(config(base, tmp_path, max_train_steps=2))
+    assert {e["threads"] for e in read_log(tmp_path)} == {torch.get_num_threads()}
+    state_file = latest_checkpoint(tmp_path) / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state["torch_threads"] == torch.get_num_threads()
+    state["torch_threads"] = torch.get_num_threads() + 1  # as if written by a process with more threads
+    state_file.write_text(json.dumps(state))
+    finetune(config(base, tmp_path, max_train_steps=3, resume_from_checkpoint="latest"))
+    note = capsys.readouterr().err
+    assert f"written with {torch.get_num_threads() + 1} torch threads" in note
+    assert "not bit-identical to an uninterrupted one" in note
 
 
 def test_checkpoint_from_before_a_new_mitigation_option_still_resumes(base, tmp_path):

@@ -447,6 +447,7 @@ class Finetuner:
             "loss": loss_value,
             "lr": float(self.lr_scheduler.get_last_lr()[0]),
             "seconds": round(time.perf_counter() - started, 6),
+            "threads": torch.get_num_threads(),  # CPU results are bit-exact only at one thread count
             "n": len(entry["ids"]),
             "kept": len(entry["ids"]) - len(entry["dropped_ids"]),
             "dropped": len(entry["dropped_ids"]),
@@ -489,6 +490,7 @@ class Finetuner:
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "filter": self._filters_state(),
             "checkpoint_log": self._checkpoint_log_now(),
+            "torch_threads": torch.get_num_threads(),
             "files": {name: (partial / name).stat().st_size for name in files},
         }
         (partial / "state.json").write_text(json.dumps(state))
@@ -556,6 +558,7 @@ class Finetuner:
             raise corrupt_checkpoint(path, f"{type(error).__name__}: {str(error)[:160]}") from None
         self.step = int(state["step"])
         self.checkpoint_log = list(state.get("checkpoint_log", []))
+        self.checkpoint_threads: int | None = state.get("torch_threads")
 
     # ---- export -------------------------------------------------------------------------------
     def export(self, seconds: float, command: str = "") -> Path:

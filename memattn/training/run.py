@@ -9,6 +9,8 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
+import torch
+
 from memattn.errors import Interrupted, MemattnError
 from memattn.interrupts import StopRequest
 from memattn.training.checkpoints import StepLog, latest_checkpoint
@@ -60,6 +62,7 @@ def finetune(
     main = tuner.accelerator.is_main_process
     if checkpoint is not None:
         tuner.load_checkpoint(checkpoint)
+        _check_resume(tuner, checkpoint, main)
     elif config.resume_from_checkpoint == "latest" and main and config.progress:
         print(f"no checkpoint in {out / CHECKPOINTS}: starting a new run", file=sys.stderr)
     log = StepLog(out / LOG_FILE, tuner.step, enabled=main)
@@ -95,6 +98,26 @@ def finetune(
         bar.close()
         log.close()
     return tuner.export(seconds, command)
+
+
+def _check_resume(tuner: Finetuner, checkpoint: Path, main: bool) -> None:
+    """A checkpoint past the requested end is refused (exporting it would report more steps than
+    asked); another thread count resumes, with a note: CPU arithmetic then differs in the last bits."""
+    total = tuner.config.max_train_steps
+    if tuner.step > total:
+        raise MemattnError(
+            f"checkpoint {checkpoint} is at step {tuner.step}, past --max-train-steps {total}: resume it "
+            f"with --max-train-steps {tuner.step} or more, or use a new --output-dir"
+        )
+    threads = torch.get_num_threads()
+    written = tuner.checkpoint_threads
+    if main and written is not None and written != threads:
+        print(
+            f"note: {checkpoint.name} was written with {written} torch threads, this process uses "
+            f"{threads}; the run stays valid but is not bit-identical to an uninterrupted one "
+            f"(set OMP_NUM_THREADS={written} for that)",
+            file=sys.stderr,
+        )
 
 
 def _kept_after_interrupt(out: Path, total: int) -> str:
