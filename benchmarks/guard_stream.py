@@ -30,20 +30,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from memattn.attention.edit import PAPER_C
 from memattn.detection.metrics import detection_metrics
 from memattn.detection.step1 import score_step1
 from memattn.loading import load_pipeline, resolve_model
-from memattn.mitigation.guard import Guard, threshold_at_fpr
+from memattn.mitigation.guard import GUARD_EDITS, Guard, threshold_at_fpr
 from memattn.testbed.alignment import CLASSIFIER_FILE, alignment, load_classifier
 from memattn.testbed.manifest import dataset_for, scene_of
 from memattn.testbed.measures import DetailMatcher, OwnImageMatcher, copy_threshold_for
 
-EDITS = {
-    "paper": {"c": PAPER_C},
-    "c8": {"c": 8.0},
-    "eos": {"c": PAPER_C, "mask_eos": True},
-}
+EDITS = {**GUARD_EDITS, "c8": {"c": 8.0}}  # c8: the sweep's strongest BOS factor, padding masked
 
 
 def main() -> None:

@@ -154,6 +154,37 @@ def test_testbed_bench_writes_table_csv_json_and_figure(tmp_path):
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_guard_rows_are_calibrated_on_held_out_clean_prompts_and_leave_unflagged_images_alone(tmp_path):
+    """The guard's row: threshold = 1 % FPR of the step-1 E of the 300 seen-once captions (recomputed
+    here), flag shares in [0, 1]; the clean prompts it did not flag come out exactly as under `none`."""
+    from memattn.bench.guarded import CALIBRATION_PROMPTS, GuardSetting, parse_guards
+    from memattn.detection.step1 import score_step1
+    from memattn.loading import load_pipeline, resolve_model
+    from memattn.mitigation.guard import threshold_at_fpr
+    from memattn.testbed.manifest import dataset_for
+
+    layer = "up_blocks.0.attentions.1"
+    assert parse_guards([f"{layer}:eos"]) == [GuardSetting(layer, "eos")]
+    with pytest.raises(MemattnError, match="guard edit 'strong': choose one of paper, eos"):
+        parse_guards([f"{layer}:strong"])
+    path = resolve_model("testbed")
+    pipe = load_pipeline(path, progress_bar=False)
+    rows = run_mitigation_bench(
+        "testbed", method_names="none", per_group=3, steps=3, seeds=1, pipe=pipe, progress=False,
+        guards=[GuardSetting(layer, "eos")],
+    )  # fmt: skip
+    none, guard = rows
+    assert guard["setting"] == f"guard E@{layer} (eos)" and guard["method"] == "guard"
+    captions = [item.caption for item in dataset_for(path).group("seen_once")[:CALIBRATION_PROMPTS]]
+    scores = score_step1(pipe, captions, seeds=list(range(len(captions))), steps=3, guidance_scale=2.0)
+    assert guard["guard_threshold"] == pytest.approx(threshold_at_fpr(scores.score("e", layer), 0.01))
+    assert 0 <= guard["flagged_128"] <= 1 and 0 <= guard["flagged_clean"] <= 1
+    assert guard["flagged_clean"] == 0  # 3 never-seen prompts at a 1 % FPR threshold: none flagged
+    assert guard["alignment_clean"] == none["alignment_clean"]  # so bit-identical to plain generation
+    with pytest.raises(MemattnError, match="--guard rows run on a testbed model"):
+        run_mitigation_bench(tmp_path, sscd=tmp_path / "x.pt", guards=[GuardSetting(layer)])
+
+
 # ---------------------------------------------------------------------------------- SSCD and CLIP
 
 

@@ -35,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from memattn import defaults
+from memattn.bench.guarded import GuardSetting, guard_rows
 from memattn.bench.image_measures import SSCD, ClipScore, reference_images
 from memattn.bench.pareto import mark_pareto, pareto_figure
 from memattn.errors import MemattnError
@@ -332,9 +333,13 @@ def run_mitigation_bench(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     pipe: Any = None,
+    guards: Sequence[GuardSetting] = (),
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """One row per setting (``none`` first): the measures, wall seconds and the time ratio to ``none``.
+
+    ``guards``: the guard as extra rows (testbed only: it is calibrated on the testbed's held-out clean
+    prompts, :mod:`memattn.bench.guarded`), with the share of memorized and clean generations flagged.
 
     Testbed model without ``sscd``/``clip``: the testbed's measures (``per_group`` prompts per group,
     ``mitigation_measures`` columns); ``seconds`` is the whole evaluation, generation and measures, as in
@@ -363,6 +368,11 @@ def run_mitigation_bench(
         per_group = _positive("per-group", TESTBED_DEFAULTS["per_group"] if per_group is None else per_group)
         if steps < 2:
             raise MemattnError("--steps must be at least 2 on the testbed (its detection score D needs two)")
+    elif guards:
+        raise MemattnError(
+            "--guard rows run on a testbed model (calibrated on its ground-truth clean prompts); on another "
+            "model calibrate with `memattn calibrate` and generate with `memattn generate --guard`"
+        )
     else:
         if sscd is None and clip is None:
             raise MemattnError(
@@ -406,6 +416,20 @@ def run_mitigation_bench(
             per_group=per_group,
             progress=progress,
         )
+        if guards:
+            from memattn.testbed.manifest import dataset_for
+
+            present = dataset_for(path).prompt_groups()
+            rows += guard_rows(
+                path,
+                pipe,
+                list(guards),
+                groups=tuple(group for group in TESTBED_GROUPS if group in present),
+                seeds=seeds,
+                steps=steps,
+                guidance=guidance,
+                per_group=per_group,
+            )
     else:
         memorized_prompts = read_prompts(memorized)  # type: ignore[arg-type]
         clean_prompts = read_prompts(clean) if clip is not None else []  # type: ignore[arg-type]
@@ -470,6 +494,11 @@ def bench_notes(rows: Sequence[dict[str, Any]]) -> list[str]:
     if rows[0].get("mode") == "testbed":
         if any(not math.isfinite(row["copy_rate_128"]) for row in rows):
             notes.append("no 128-copy item among the sampled prompts: raise --per-group (48 samples all)")
+        if any(row["method"] == "guard" for row in rows):
+            notes.append(
+                "guard rows: threshold at the stated FPR on 300 seen-once captions (never generated here); "
+                "flagged_128 / flagged_clean: share of those generations the guard edited"
+            )
         if any(row["method"] == "wen" for row in rows):
             notes.append(
                 "wen's default target loss (3) is SD1's scale; testbed noise norms are ~15 (try 15,10,5)"

@@ -100,6 +100,15 @@ def mitigate_command(
     ] = 8,
     device: Annotated[str, typer.Option(help="torch device for the pipeline, SSCD and CLIP.")] = "cpu",
     dtype: Annotated[str, typer.Option(help="Pipeline dtype: float32, float16 or bfloat16.")] = "float32",
+    guard: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--guard",
+            help="Testbed only: also the guard, LAYER[:EDIT] (repeatable; edit paper or eos, default "
+            "paper), e.g. --guard up_blocks.0.attentions.1:eos; calibrated at 1 % FPR on held-out "
+            "clean prompts.",
+        ),
+    ] = None,
     out: Annotated[
         Path, typer.Option(help="Directory for mitigation_bench.csv/.json and pareto.png.")
     ] = Path("artifacts/mitigation-bench"),
@@ -111,10 +120,14 @@ def mitigate_command(
     generation with the same seed (--sscd; also to training images with --reference-dir) and the CLIP
     score of clean prompts (--clip). 'none' runs first: the reference for SSCD and the time ratio.
     """
+    from memattn.bench.guarded import parse_guards
     from memattn.bench.mitigate import bench_notes, parse_strengths, run_mitigation_bench, write_outputs
     from memattn.loading import parse_dtype
+    from memattn.paths import writable_directory
     from memattn.quiet import quiet_loading
 
+    guards = parse_guards(guard)
+    writable_directory(out, "--out")  # before the work
     quiet_loading()
     rows = run_mitigation_bench(
         model,
@@ -132,10 +145,17 @@ def mitigate_command(
         batch_size=batch_size,
         device=device,
         dtype=parse_dtype(dtype),
+        guards=guards,
     )
     written = write_outputs(rows, out)
     console = stdout
     print_table(console, _table(rows))
+    for row in rows:
+        if row["method"] == "guard":
+            console.print(
+                f"{escape(row['setting'])}: flagged {row['flagged_128']:.0%} of the 128x items' generations, "
+                f"{row['flagged_clean']:.0%} of the clean ones (threshold {row['guard_threshold']:.4f})"
+            )
     for note in bench_notes(rows):
         console.print(f"note: {note}")
     if "png" not in written:

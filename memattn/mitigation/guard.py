@@ -37,6 +37,12 @@ from memattn.errors import MemattnError
 from memattn.mitigation.cross_attention import Mitigation
 
 CALIBRATION_FILE = "memattn_guard.json"
+# Named edits of flagged rows (benchmarks and ``bench mitigate --guard``): the paper's, and the paper's
+# with the EOS masked as well (the strongest attention edit measured on the testbed).
+GUARD_EDITS: dict[str, dict[str, Any]] = {
+    "paper": {"c": PAPER_C},
+    "eos": {"c": PAPER_C, "mask_eos": True},
+}
 Score = Literal["e", "wen"]
 
 

@@ -202,6 +202,7 @@ def evaluate(
     mitigation: dict[str, Any] | None = None,
     baseline: dict[str, Any] | None = None,
     prompt_transform: Callable[[list[str]], list[str]] | None = None,
+    guard: Any = None,
     progress: bool = True,
 ) -> Evaluation:
     """Generate ``per_group`` prompts x ``seeds`` per group (seed of image = 1000·seed + item id).
@@ -209,7 +210,8 @@ def evaluate(
     ``mitigation``: keyword arguments of ``memattn.mitigate`` (e.g. ``{"c": 1.25}``) to generate under it.
     ``baseline``: ``{"method": NAME, "strength": VALUE}``, any registered method (strength optional;
     ``memattn.mitigation.registry``); ``prompt_transform`` rewrites each batch's captions (analysis:
-    paraphrases).
+    paraphrases). ``guard``: a :class:`memattn.Guard` on ``pipe`` generates instead of the plain call
+    (its verdicts land in each row: ``guard_score``, ``guard_flagged``).
     Copies and alignment are still judged against each item's own caption and image.
     ``copy_threshold``: None takes the testbed's calibrated one (``measures.copy_threshold_for``).
     """
@@ -256,16 +258,19 @@ def evaluate(
             )
             captions, other = prepared.prompts, prepared.context
         # Wen's scores only for plain generation: a method's extra UNet calls would enter the norms.
-        plain = mitigation is None and baseline is None and guidance_scale > 1
+        plain = mitigation is None and baseline is None and guard is None and guidance_scale > 1
         noise = NoiseDifference(pipe) if plain else nullcontext()
+        verdicts: list[Any] = [None] * len(batch)
         with edit, other, memattn.trace(pipe) as tr, noise as nd:
-            images = pipe(
+            output = (guard if guard is not None else pipe)(
                 captions,
                 num_inference_steps=steps,
                 guidance_scale=guidance_scale,
                 generator=generators,
                 output_type="np",
-            ).images
+            )
+            images = output.images
+            verdicts = list(getattr(output, "verdicts", verdicts))
         record = tr.record
         layer_names = list(record.layer_names)
         generated.append(images.transpose(0, 3, 1, 2) * 2 - 1)
@@ -305,6 +310,11 @@ def evaluate(
                     "minus_bos_share_step0": -float(mean[0, i, 0]),
                     "minus_bos_share": -float(mean[:, i, 0].mean()),
                     "summary_share_step0": float(mean[0, i, eos:].sum()),
+                    **(
+                        {"guard_score": verdicts[i].score, "guard_flagged": verdicts[i].flagged}
+                        if verdicts[i] is not None
+                        else {}
+                    ),
                 }
             )
     images = np.concatenate(generated) if generated else np.zeros((0, 3, 1, 1), np.float32)
