@@ -120,7 +120,7 @@ def calibrate(
     target = out or path / CALIBRATION_FILE
     if out is None and not path.is_dir():
         raise MemattnError(f"{model} is not a local directory: pass --out FILE for the calibration JSON")
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]  # memattn/ (this file is memattn/cli/detect.py)
     if out is None and package in path.resolve().parents:
         raise MemattnError(
             f"{model} is bundled inside the memattn package, which calibrate never writes into: pass "
