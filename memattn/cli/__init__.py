@@ -1,5 +1,5 @@
 """The command line (typer + rich, the ``cli`` extra): one module per command or group, registered on
-the root app in ``app.py``. Nothing here is imported by the library."""
+the root app in ``root.py``. Nothing here is imported by the library."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 def main() -> None:
     """The ``memattn`` entry point; without the ``cli`` extra, one line says what to install."""
     try:
-        from memattn.cli.app import main as run
+        from memattn.cli.root import main as run
     except ModuleNotFoundError as error:
         from memattn.extras import missing_extra
 
@@ -24,7 +24,7 @@ def main() -> None:
 
 def __getattr__(name: str) -> Any:
     if name == "app":  # ``from memattn.cli import app`` (tests, embedding the CLI)
-        from memattn.cli.app import app
+        from memattn.cli.root import app
 
         return app
     raise AttributeError(f"module 'memattn.cli' has no attribute {name!r}")

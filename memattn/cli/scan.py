@@ -1,6 +1,6 @@
 """``memattn scan``: the typer command over :func:`memattn.scan.scan` (registered by ``memattn.cli``).
 
-Kept apart from ``memattn/cli/app.py`` so the command can be registered on any typer app (tests build their
+Kept apart from ``memattn/cli/root.py`` so the command can be registered on any typer app (tests build their
 own). Heavy imports (torch, diffusers) happen inside the command, so ``--help`` stays fast.
 """
 
