@@ -92,7 +92,7 @@ SETTINGS: list[tuple[str, dict | None]] = [
     ("mask padding (EOS visible)", {"c": 1.0}),
     ("mask EOS + padding (all summary tokens)", SUMMARY),
     ("mask prompt words (BOS + summary visible)", PROMPT),
-    ("mask summary, steps 0-4 only", {**SUMMARY, "steps": list(range(5))}),
+    ("mask summary, steps 0-4 only", {**SUMMARY, "at_steps": list(range(5))}),
     ("mask summary, steps 5-24 only", {**SUMMARY, "steps": list(range(5, STEPS))}),
     ("mask summary, down+mid layers (0-2)", {**SUMMARY, "layers": [0, 1, 2]}),
     ("mask summary, up layers (3-6)", {**SUMMARY, "layers": [3, 4, 5, 6]}),

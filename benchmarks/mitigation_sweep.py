@@ -57,8 +57,8 @@ def settings(c_values: list[float]) -> list[tuple[str, dict | None]]:
     out += [
         ("mask padding + EOS, C=1.25", {"c": 1.25, "mask_eos": True}),
         ("ren2024 C=1.25 + mask_uncond", {"c": 1.25, "mask_uncond": True}),
-        ("ren2024 C=1.25, first 30% of steps", {"c": 1.25, "steps": "early"}),
-        ("ren2024 C=1.25, last 70% of steps", {"c": 1.25, "steps": "late"}),
+        ("ren2024 C=1.25, first 30% of steps", {"c": 1.25, "at_steps": "early"}),
+        ("ren2024 C=1.25, last 70% of steps", {"c": 1.25, "at_steps": "late"}),
         ("ren2024 C=1.25, up-block layers only", {"c": 1.25, "layers": UP_BLOCKS}),
         ("ren2024 C=1.25, down/mid layers only", {"c": 1.25, "layers": "not-up"}),
     ]
@@ -91,10 +91,10 @@ def main() -> None:
     if args.only:
         runs = [run for run in runs if run[0] == "plain" or run[0].startswith(tuple(args.only))]
     for name, mitigation, baseline in runs:
-        if mitigation is not None and mitigation.get("steps") == "early":
-            mitigation = {**mitigation, "steps": list(range(round(0.3 * args.steps)))}
-        if mitigation is not None and mitigation.get("steps") == "late":
-            mitigation = {**mitigation, "steps": list(range(round(0.3 * args.steps), args.steps))}
+        if mitigation is not None and mitigation.get("at_steps") == "early":
+            mitigation = {**mitigation, "at_steps": list(range(round(0.3 * args.steps)))}
+        if mitigation is not None and mitigation.get("at_steps") == "late":
+            mitigation = {**mitigation, "at_steps": list(range(round(0.3 * args.steps), args.steps))}
         if mitigation is not None and mitigation.get("layers") in (UP_BLOCKS, "not-up"):
             up = mitigation["layers"] == UP_BLOCKS
             chosen = [name for name in layer_names if name.startswith(UP_BLOCKS) == up]

@@ -65,7 +65,7 @@ def test_a_guard_inside_mitigate_leaves_the_outer_mitigation_on(sd1_pipe, thresh
 
 def test_continue_mode_equals_mitigating_from_step_two(sd1_pipe):
     out = guarded(Guard(sd1_pipe, threshold=-1e9, mode="continue"))
-    with memattn.mitigate(sd1_pipe, steps=range(1, STEPS)):
+    with memattn.mitigate(sd1_pipe, at_steps=range(1, STEPS)):
         reference = plain(sd1_pipe)
     np.testing.assert_allclose(out.images, reference, atol=1e-6, rtol=0)
     assert all(v.flagged and v.mitigated and v.mode == "continue" for v in out.verdicts)

@@ -102,15 +102,15 @@ def test_wen_optimisation_stops_each_image_at_the_target(sd1_pipe):
 
 def test_guidance_schedule_matches_the_plain_and_unconditional_runs(sd1_pipe):
     plain = _generate(sd1_pipe)
-    with guidance_schedule(sd1_pipe, scale=-2.0, steps=0):
+    with guidance_schedule(sd1_pipe, scale=-2.0, first_steps=0):
         assert np.array_equal(_generate(sd1_pipe), plain)
-    with guidance_schedule(sd1_pipe, scale=7.5, steps=3):
+    with guidance_schedule(sd1_pipe, scale=7.5, first_steps=3):
         np.testing.assert_allclose(_generate(sd1_pipe), plain, atol=1e-5)
-    with guidance_schedule(sd1_pipe, scale=0.0, steps=3):
+    with guidance_schedule(sd1_pipe, scale=0.0, first_steps=3):
         unconditional = _generate(sd1_pipe)
     empty = _generate(sd1_pipe, guidance=1.0, prompts=["", ""])
     np.testing.assert_allclose(unconditional, empty, atol=1e-5)
-    with guidance_schedule(sd1_pipe, scale=-2.0, steps=1):
+    with guidance_schedule(sd1_pipe, scale=-2.0, first_steps=1):
         opposite = _generate(sd1_pipe)
     assert not np.allclose(opposite, plain) and not sd1_pipe.unet._forward_hooks
 

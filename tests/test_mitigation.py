@@ -88,7 +88,7 @@ def test_edit_validation():
     with pytest.raises(MemattnError, match="also set mask_padding"):
         AttentionEdit(mask_padding=False, mask_eos=True)
     with pytest.raises(MemattnError, match="valid steps are 0..2"):
-        AttentionEdit(steps=(1, 5)).check_schedule(3)
+        AttentionEdit(at_steps=(1, 5)).check_schedule(3)
     with pytest.raises(LayoutError, match="token layout"):
         AttentionEdit().apply(torch.zeros(1, 1, 77, 4), slice(0, 1), None)
 
@@ -148,7 +148,7 @@ def test_bos_scaling_moves_attention_the_way_the_logit_sign_says(sd1_pipe):
 def test_step_and_layer_windows(sd1_pipe):
     with memattn.trace(sd1_pipe) as tr:
         with memattn.mitigate(
-            sd1_pipe, steps=[0], layers=[3, "mid_block.attentions.0.transformer_blocks.0.attn2"]
+            sd1_pipe, at_steps=[0], layers=[3, "mid_block.attentions.0.transformer_blocks.0.attn2"]
         ):
             generate(sd1_pipe, PROMPTS[:2], [0, 1], steps=3)
     mass = padding_mass(tr.record)  # [step, layer, image]
@@ -157,7 +157,7 @@ def test_step_and_layer_windows(sd1_pipe):
     assert (mass[0, [i for i in range(16) if i not in edited]] > 0).all()
     assert (mass[1:] > 0).all()
     with pytest.raises(MemattnError, match="valid steps are 0..2"):
-        with memattn.mitigate(sd1_pipe, steps=range(2, 6)):
+        with memattn.mitigate(sd1_pipe, at_steps=range(2, 6)):
             generate(sd1_pipe, PROMPTS[:1], [0], steps=3)
     with pytest.raises(MemattnError, match="is not a cross-attention layer of this model"):
         memattn.mitigate(sd1_pipe, layers=["nope"])

@@ -34,7 +34,7 @@ PAPER_C = 1.25  # Ren et al.'s BOS logit factor: the one place it is written
 
 @dataclass(frozen=True)
 class AttentionEdit:
-    """What to change in the logits, and where (steps are 0-based UNet calls of one pipeline call)."""
+    """What to change in the logits, and where (``at_steps``: 0-based UNet calls of one pipeline call)."""
 
     c: float = PAPER_C
     mask_padding: bool = True
@@ -42,7 +42,7 @@ class AttentionEdit:
     mask_uncond: bool = False
     mask_prompt: bool = False  # analysis: hide the prompt words (BOS and summary tokens stay visible)
     prompt_penalty: float = 0.0  # subtract this from the prompt words' logits (a soft mask_prompt)
-    steps: tuple[int, ...] | None = None  # None: every step
+    at_steps: tuple[int, ...] | None = None  # None: every step
     layers: tuple[int, ...] | None = None  # indices in forward order; None: every cross-attention layer
 
     def __post_init__(self) -> None:
@@ -56,8 +56,8 @@ class AttentionEdit:
             )
         if not math.isfinite(self.prompt_penalty) or self.prompt_penalty < 0:
             raise MemattnError(f"prompt_penalty must be a finite number >= 0, got {self.prompt_penalty}")
-        if self.steps is not None and any(s < 0 for s in self.steps):
-            raise MemattnError(f"steps must be non-negative step indices, got {self.steps}")
+        if self.at_steps is not None and any(s < 0 for s in self.at_steps):
+            raise MemattnError(f"at_steps must be non-negative step indices, got {self.at_steps}")
 
     @property
     def is_noop(self) -> bool:
@@ -65,13 +65,16 @@ class AttentionEdit:
         return self.c == 1.0 and not self.mask_padding and not self.mask_prompt and not self.prompt_penalty
 
     def active(self, step: int, layer: int) -> bool:
-        return (self.steps is None or step in self.steps) and (self.layers is None or layer in self.layers)
+        return (self.at_steps is None or step in self.at_steps) and (
+            self.layers is None or layer in self.layers
+        )
 
     def check_schedule(self, n_steps: int) -> None:
         """A window that never fires is a mistake, not a no-op: name the valid range."""
-        if self.steps is not None and self.steps and max(self.steps) >= n_steps:
+        window = self.at_steps
+        if window is not None and window and max(window) >= n_steps:
             raise MemattnError(
-                f"mitigation step window {min(self.steps)}..{max(self.steps)} is outside this schedule: "
+                f"mitigation step window {min(window)}..{max(window)} is outside this schedule: "
                 f"the pipeline makes {n_steps} UNet calls, valid steps are 0..{n_steps - 1}"
             )
 

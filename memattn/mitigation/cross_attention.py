@@ -67,7 +67,7 @@ def mitigate(
     mask_uncond: bool = False,
     mask_prompt: bool = False,
     prompt_penalty: float = 0.0,
-    steps: Sequence[int] | range | None = None,
+    at_steps: Sequence[int] | range | None = None,
     layers: Sequence[int | str] | None = None,
     lengths: Sequence[int] | None = None,
     cfg: bool = False,
@@ -76,7 +76,7 @@ def mitigate(
 
     ``c`` multiplies the BOS logit of the conditional branch; ``mask_padding`` masks the tokens after the
     first EOS (``mask_eos`` the EOS too); ``mask_uncond`` also masks the unconditional branch to each
-    conditional prompt's length, as the official code does. ``steps`` (0-based UNet calls of each pipeline
+    conditional prompt's length, as the official code does. ``at_steps`` (0-based UNet calls of each pipeline
     call) and ``layers`` (indices in forward order or ``attn2`` names) restrict where the edit applies.
     ``mask_prompt`` (for analysis) hides the prompt words instead, leaving BOS and the summary tokens;
     ``prompt_penalty`` subtracts a constant from the prompt words' logits (a soft version of it).
@@ -91,6 +91,6 @@ def mitigate(
         mask_uncond=mask_uncond,
         mask_prompt=mask_prompt,
         prompt_penalty=float(prompt_penalty),
-        steps=as_indices(steps),
+        at_steps=as_indices(at_steps),
     )
     return Mitigation(target, edit, layers=layers, lengths=lengths, cfg=cfg)

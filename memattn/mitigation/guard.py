@@ -209,9 +209,9 @@ class Guard:
         check_kind(score)
         self.pipe = pipe
         self.mode = mode
-        self.edit = AttentionEdit(**{"c": PAPER_C, **(mitigation or {})})
-        if self.edit.steps is not None:
+        if {"steps", "at_steps"} & set(mitigation or {}):
             raise MemattnError("the guard decides the steps itself; give mitigation settings without steps")
+        self.edit = AttentionEdit(**{"c": PAPER_C, **(mitigation or {})})
         if threshold is None:
             path = calibration or calibration_path(pipe)
             if path is None or not Path(path).is_file():

@@ -1,6 +1,6 @@
 """Jain et al. (CVPR 2025) guidance schedules: no or opposite guidance while inside the attraction basin.
 
-For the first ``steps`` denoising steps the pipeline's guided prediction ``ε_u + w·(ε_c − ε_u)`` becomes
+For the first ``first_steps`` denoising steps the pipeline's guided prediction ``ε_u + w·(ε_c − ε_u)`` becomes
 ``ε_u + s·(ε_c − ε_u)``: ``s = 0`` is their static transition point (unconditional early steps),
 ``s < 0`` their opposite guidance; then normal CFG. Zero extra UNet calls: a forward hook rescales the
 conditional half of the UNet output so that the pipeline's own CFG line produces the wanted mix.
@@ -20,10 +20,15 @@ from memattn.errors import MemattnError
 
 
 @contextlib.contextmanager
-def guidance_schedule(pipe: Any, *, scale: float = -2.0, steps: int = 5) -> Iterator[None]:
-    """``with guidance_schedule(pipe, scale=0.0, steps=10): pipe(...)``: scale ``s`` for the first steps."""
-    if not math.isfinite(scale) or not isinstance(steps, int) or steps < 0:
-        raise MemattnError(f"need a finite guidance scale and steps >= 0, got scale={scale}, steps={steps}")
+def guidance_schedule(pipe: Any, *, scale: float = -2.0, first_steps: int = 5) -> Iterator[None]:
+    """``with guidance_schedule(pipe, scale=0.0, first_steps=10): pipe(...)``: scale ``s`` first.
+
+    ``first_steps`` is a count of leading steps (a step count elsewhere is ``steps``; a set of step
+    indices is ``at_steps``)."""
+    if not math.isfinite(scale) or not isinstance(first_steps, int) or first_steps < 0:
+        raise MemattnError(
+            f"need a finite guidance scale and first_steps >= 0, got scale={scale}, first_steps={first_steps}"
+        )
     state = {"calls": 0}
 
     def new_call(bound: dict[str, Any], result: tuple) -> tuple:
@@ -32,7 +37,7 @@ def guidance_schedule(pipe: Any, *, scale: float = -2.0, steps: int = 5) -> Iter
 
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         state["calls"] += 1
-        if state["calls"] > steps:
+        if state["calls"] > first_steps:
             return None
         if not getattr(pipe, "do_classifier_free_guidance", False):
             raise MemattnError(

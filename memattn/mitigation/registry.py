@@ -112,7 +112,7 @@ def _in_context(make: Callable[[Any, Any, int, int], contextlib.AbstractContextM
 def _stp(pipe: Any, value: Any, seed: int, steps: int) -> contextlib.AbstractContextManager:
     if not 0 <= value <= 1:
         raise MemattnError(f"stp strength is the share of steps without guidance, in [0, 1], got {value}")
-    return guidance_schedule(pipe, scale=0.0, steps=round(value * steps))
+    return guidance_schedule(pipe, scale=0.0, first_steps=round(value * steps))
 
 
 REGISTRY: dict[str, Method] = {
@@ -175,7 +175,7 @@ REGISTRY: dict[str, Method] = {
             "opposite-guidance",
             _in_context(
                 lambda pipe, value, seed, steps: guidance_schedule(
-                    pipe, scale=-value, steps=round(OPPOSITE_GUIDANCE_SHARE * steps)
+                    pipe, scale=-value, first_steps=round(OPPOSITE_GUIDANCE_SHARE * steps)
                 )
             ),
             2.0,
