@@ -1,6 +1,7 @@
 """One Pareto figure for every mitigation measured on the testbed: copy similarity vs clean alignment.
 
-Reads the JSON files written by ``mitigation_sweep.py`` (ren2024 settings and ``--baselines``) and
+Reads the JSON files written by ``mitigation_sweep.py`` (the paper's edit and its variants) and by
+``memattn bench mitigate`` (every method, the guard rows; ``mitigation_bench.json``) and
 plots, per setting, the mean detail similarity of the 128-copy items' generations (lower = fewer and
 weaker copies) against the attribute alignment of clean prompts (higher = more faithful), with the
 Pareto front dashed (``memattn.bench.pareto``, the same figure ``memattn bench mitigate`` draws).
@@ -20,6 +21,9 @@ FAMILIES = ("ren2024", "mask padding", "BOS x C", "RTA", "RNA", "GNI", "Wen", "K
 
 
 def family(row: dict) -> str:
+    """bench mitigate rows name their method; sweep rows are grouped by the start of their label."""
+    if row.get("method"):
+        return "plain" if row["method"] == "none" else row["method"]
     return next((prefix for prefix in FAMILIES if row["setting"].startswith(prefix)), "other")
 
 
@@ -30,7 +34,8 @@ def main() -> None:
     args = parser.parse_args()
     rows, seen = [], set()
     for path in args.inputs:
-        for row in json.loads(path.read_text()):
+        data = json.loads(path.read_text())
+        for row in data["rows"] if isinstance(data, dict) else data:  # bench mitigate: {"rows": [...]}
             if row["setting"] not in seen:
                 seen.add(row["setting"])
                 rows.append(row)
