@@ -126,7 +126,10 @@ def test_cli_report_and_info_on_the_bundled_model(tmp_path):
     assert report.returncode == 0, report.stderr[-2000:]
     assert "TPR@1%FPR" in report.stdout and "memorized_matching" in report.stdout
     assert "mitigation {'c': 1.25}: copies of 128x prompts" in report.stdout
+    assert "guard {'c': 1.25, 'mask_eos': True}: copies of 128x prompts" in report.stdout
     summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["guard"]) == {"settings", "plain", "guarded", "flagged_128", "flagged_clean"}
+    assert 0.0 <= summary["guard"]["flagged_clean"] <= summary["guard"]["flagged_128"] <= 1.0
     assert list(summary["groups"]) == list(OBJECT_GROUPS)
     assert set(summary["mitigation"]) == {"settings", "plain", "mitigated"}
     assert summary["headline"]["best_step1_score"] in (
@@ -143,6 +146,13 @@ def test_cli_report_and_info_on_the_bundled_model(tmp_path):
         [*run, "report", "--guidance", "0.5"], capture_output=True, text=True, timeout=HANG_GUARD_S
     )
     assert bad.returncode == 2 and "must be at least 1" in bad.stderr
+    no_layer = subprocess.run(
+        [*run, "report", "--model", "testbed-detail", "--guard"],
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
+    assert no_layer.returncode == 2 and "no pre-registered E layer" in no_layer.stderr
 
 
 @pytest.mark.parametrize(

@@ -134,3 +134,28 @@ def test_headline_figure_and_mitigation_table(tmp_path):
     assert summary["mitigation"]["plain"]["copy_rate_128"] == 1.0
     assert summary["mitigation"]["mitigated"]["copy_rate_128"] == 0.0
     assert "memattn.mitigate({&#39;c&#39;: 1.25})" in html
+
+
+def test_guard_table_flag_shares_and_settings_in_the_html(tmp_path):
+    plain = synthetic_evaluation()
+    guarded = synthetic_evaluation()
+    for row in guarded.rows:
+        heavy = row["group"] == "memorized_matching" and row["duplication"] == 128
+        row["guard_flagged"] = heavy or row["item_id"] == 300  # one never-seen prompt of six
+        if heavy:
+            row["copy_similarity"] = 0.2
+    settings = {
+        "layer": "up_blocks.0.attentions.1",
+        "edit": {"mask_eos": True},
+        "threshold": 0.5,
+        "calibration": "x",
+    }
+    html = write_report(plain, tmp_path, guarded=guarded, guard_settings=settings).read_text()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    guard = summary["guard"]
+    assert guard["plain"]["copy_rate_128"] == 1.0 and guard["guarded"]["copy_rate_128"] == 0.0
+    assert guard["flagged_128"] == 1.0 and guard["flagged_clean"] == 1 / 6
+    assert "mitigation" not in summary
+    assert "E in up_blocks.0.attentions.1 at step 1 (threshold 0.5000, x)" in html
+    assert "memattn.mitigate({&#39;mask_eos&#39;: True})" in html
+    assert "1.00 / 0.17" in html

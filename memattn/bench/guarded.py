@@ -76,6 +76,47 @@ def calibrate(
     return threshold_at_fpr(scores, setting.fpr), scores
 
 
+def guarded_evaluation(
+    path: Path,
+    pipe: Any,
+    setting: GuardSetting,
+    *,
+    groups: tuple[str, ...],
+    seeds: int,
+    steps: int,
+    guidance: float,
+    per_group: int,
+    progress: bool = False,
+) -> tuple[Any, float, float]:
+    """Calibrate ``setting`` on held-out clean prompts, then let its guard generate ``groups``.
+
+    Returns the testbed evaluation (rows carry ``guard_score``/``guard_flagged``), the threshold and
+    the seconds of generation (calibration excluded: it is paid once per deployment, not per image).
+    """
+    import time
+
+    from memattn.testbed.evaluate import evaluate
+    from memattn.testbed.manifest import dataset_for
+
+    threshold, _ = calibrate(pipe, dataset_for(path), setting, steps=steps, guidance=guidance)
+    guard = Guard(
+        pipe, threshold=threshold, score="e", layer=setting.layer, mitigation=GUARD_EDITS[setting.edit]
+    )
+    started = time.perf_counter()
+    evaluation = evaluate(
+        path,
+        guidance_scale=guidance,
+        steps=steps,
+        per_group=per_group,
+        seeds=seeds,
+        groups=groups,
+        pipe=pipe,
+        guard=guard,
+        progress=progress,
+    )
+    return evaluation, threshold, time.perf_counter() - started
+
+
 def guard_rows(
     path: Path,
     pipe: Any,
@@ -88,31 +129,20 @@ def guard_rows(
     per_group: int,
 ) -> list[dict[str, Any]]:
     """One benchmark row per guard setting (``mitigation_measures`` columns + flag shares)."""
-    import time
+    from memattn.testbed.evaluate import mitigation_measures
 
-    from memattn.testbed.evaluate import evaluate, mitigation_measures
-    from memattn.testbed.manifest import dataset_for
-
-    dataset = dataset_for(path)
     rows = []
     for setting in settings:
-        threshold, _ = calibrate(pipe, dataset, setting, steps=steps, guidance=guidance)
-        guard = Guard(
-            pipe, threshold=threshold, score="e", layer=setting.layer, mitigation=GUARD_EDITS[setting.edit]
-        )
-        started = time.perf_counter()
-        evaluation = evaluate(
+        evaluation, threshold, seconds = guarded_evaluation(
             path,
-            guidance_scale=guidance,
-            steps=steps,
-            per_group=per_group,
-            seeds=seeds,
+            pipe,
+            setting,
             groups=groups,
-            pipe=pipe,
-            guard=guard,
-            progress=False,
+            seeds=seeds,
+            steps=steps,
+            guidance=guidance,
+            per_group=per_group,
         )
-        seconds = time.perf_counter() - started
         heavy = [r for r in evaluation.rows if r["group"] == "memorized_matching" and r["duplication"] == 128]
         clean = [r for r in evaluation.rows if r["group"] in ("never_seen", "novel_composition")]
         rows.append(

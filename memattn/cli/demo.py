@@ -1,9 +1,11 @@
-"""`make demo`: the bundled testbed model end to end (about a minute and a half here).
+"""`make demo`: the bundled testbed model end to end (about three minutes here).
 
 1. `memattn testbed report` on the bundled testbed (v2): every ground-truth group's prompts with two
    seeds; every detection score (D, E, E per layer, Wen's noise norm, BOS and summary shares) while
    generating, ranked best first; copies, leakage and alignment; the paper's mitigation on the memorized
-   and never-seen prompts; an HTML report in artifacts/demo/ that leads with a headline figure.
+   and never-seen prompts, and the guard (step-1 E, calibrated at 1 % FPR; flagged images get the
+   EOS-masking edit) on the same prompts; an HTML report in artifacts/demo/ that leads with a headline
+   figure.
 2. `memattn scan` of memorized and clean testbed prompts (step-1 scores into Parquet parts) and
    `memattn report` on the result: artifacts/demo/scan/ and artifacts/demo/scan_report.html.
 """

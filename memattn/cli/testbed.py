@@ -134,14 +134,23 @@ def testbed_report(
     mitigation: Annotated[
         bool, typer.Option(help="Also generate the 128x and never-seen prompts under the paper's mitigation.")
     ] = True,
+    guard: Annotated[
+        bool | None,
+        typer.Option(
+            help="Also let the guard generate them: E in the testbed's pre-registered layer at step 1, "
+            "calibrated at 1 % FPR on seen-once captions, flagged images get the EOS-masking edit "
+            "(default: on where the testbed has a pre-registered layer)."
+        ),
+    ] = None,
 ) -> None:
     """Generate every ground-truth group, score every detector, measure copies and alignment, report."""
     import time
 
     quiet_loading()
-    from memattn.loading import resolve_model
-    from memattn.testbed.evaluate import evaluate
-    from memattn.testbed.manifest import load_manifest
+    from memattn.loading import load_pipeline, resolve_model
+    from memattn.mitigation.guard import GUARD_EDITS
+    from memattn.testbed.evaluate import PRE_REGISTERED_E_LAYER, evaluate
+    from memattn.testbed.manifest import load_manifest, scene_of
     from memattn.testbed.report import write_report
 
     if per_group < 1 or seeds < 1 or steps < 2:
@@ -153,13 +162,23 @@ def testbed_report(
     console = stdout
     path = Path(resolve_model(model))
     manifest = load_manifest(path)
+    guard_layer = PRE_REGISTERED_E_LAYER.get(scene_of(path))
+    if guard and guard_layer is None:
+        raise MemattnError(
+            f"--guard: the {scene_of(path)!r} testbed has no pre-registered E layer to guard with; "
+            "use --no-guard (or `memattn bench mitigate --guard LAYER:EDIT` to try a layer)"
+        )
+    guard = guard_layer is not None if guard is None else guard
     console.print(
         f"testbed model: {path}\n  trained by `{manifest['command']}` "
         f"(memattn {manifest['memattn_version']}, seed {manifest['seed']}, "
         f"{manifest['config']['steps']} steps, {manifest['training_seconds']} s)"
     )
     started = time.time()
-    evaluation = evaluate(path, guidance_scale=guidance, steps=steps, per_group=per_group, seeds=seeds)
+    pipe = load_pipeline(str(path), progress_bar=False)
+    evaluation = evaluate(
+        path, guidance_scale=guidance, steps=steps, per_group=per_group, seeds=seeds, pipe=pipe
+    )
     mitigated = None
     if mitigation:
         console.print(
@@ -173,9 +192,43 @@ def testbed_report(
             seeds=seeds,
             groups=("memorized_matching", "never_seen"),
             mitigation={"c": PAPER_C},
+            pipe=pipe,
         )
+    guarded, guard_settings = None, None
+    if guard:
+        from memattn.bench.guarded import CALIBRATION_PROMPTS, GuardSetting, guarded_evaluation
+
+        setting = GuardSetting(guard_layer, "eos")
+        console.print(
+            f"the guard (E in {guard_layer} at step 1, flagged images get {GUARD_EDITS['eos']}) on the "
+            f"128x and never-seen prompts; calibrating on {CALIBRATION_PROMPTS} seen-once captions first"
+        )
+        guarded, threshold, _ = guarded_evaluation(
+            path,
+            pipe,
+            setting,
+            groups=("memorized_matching", "never_seen"),
+            seeds=seeds,
+            steps=steps,
+            guidance=guidance,
+            per_group=per_group,
+            progress=True,
+        )
+        guard_settings = {
+            "layer": guard_layer,
+            "edit": GUARD_EDITS["eos"],
+            "threshold": threshold,
+            "calibration": f"{setting.fpr:.0%} FPR on {CALIBRATION_PROMPTS} seen-once captions",
+        }
     seconds = time.time() - started
-    report = write_report(evaluation, out, extra={"wall time (s)": round(seconds, 1)}, mitigated=mitigated)
+    report = write_report(
+        evaluation,
+        out,
+        extra={"wall time (s)": round(seconds, 1)},
+        mitigated=mitigated,
+        guarded=guarded,
+        guard_settings=guard_settings,
+    )
     summary = json.loads((out / "summary.json").read_text())
     groups = table(
         f"generations per group (copy: {summary['copy_measure']} > {summary['copy_threshold']})",
@@ -216,6 +269,14 @@ def testbed_report(
             f"mitigation {m['settings']}: copies of 128x prompts {m['plain']['copy_rate_128']:.2f} -> "
             f"{m['mitigated']['copy_rate_128']:.2f}; never-seen prompts with all attributes right "
             f"{m['plain']['all_attributes_clean']:.2f} -> {m['mitigated']['all_attributes_clean']:.2f}"
+        )
+    if guarded is not None:
+        g = summary["guard"]
+        console.print(
+            f"guard {g['settings']['edit']}: copies of 128x prompts {g['plain']['copy_rate_128']:.2f} -> "
+            f"{g['guarded']['copy_rate_128']:.2f}; never-seen prompts with all attributes right "
+            f"{g['plain']['all_attributes_clean']:.2f} -> {g['guarded']['all_attributes_clean']:.2f}; "
+            f"flagged {g['flagged_128']:.0%} of the 128x and {g['flagged_clean']:.0%} of the never-seen"
         )
     console.print(f"report: {report}  ({seconds:.0f} s of generation and scoring)")
 

@@ -153,7 +153,7 @@ class Evaluation:
             "detection_vs_non_memorized": detection,
             "detection_auc_by_negative_group": by_group,
             "layer_e_auc_by_negative_group": layer_by_group,
-            "non_memorized_groups": list(NON_MEMORIZED),
+            "non_memorized_groups": [g for g in NON_MEMORIZED if g in groups],
             "cross_attention_layers": self.layer_names,
         }
 
