@@ -14,13 +14,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from memattn.bench.image_measures import SSCD
-from memattn.bench.mitigate import (
-    Setting,
-    parse_methods,
-    parse_strengths,
-    run_mitigation_bench,
-    settings_for,
-)
+from memattn.bench.mitigate import run_mitigation_bench
+from memattn.bench.mitigate_settings import Setting, parse_methods, parse_strengths, settings_for
 from memattn.bench.pareto import pareto_front
 from memattn.cli.bench import bench_app
 from memattn.errors import MemattnError

@@ -1,5 +1,8 @@
 """Every mitigation method on one model: copy similarity vs prompt alignment, wall time, one Pareto figure.
 
+This module runs the rows; ``mitigate_settings`` parses and checks them, ``mitigate_outputs`` writes
+the files.
+
 Two ways to measure, chosen by what the user has:
 
 - **testbed** (the bundled ``testbed`` or any pipeline directory with a ``memattn_testbed.json``, and
@@ -21,12 +24,9 @@ setting uses the same prompts, seeds and schedule, in one process, so the rows c
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,9 @@ from tqdm.auto import tqdm
 from memattn import defaults
 from memattn.bench.guarded import GuardSetting, guard_rows
 from memattn.bench.image_measures import SSCD, ClipScore, reference_images
-from memattn.bench.pareto import mark_pareto, pareto_figure
+from memattn.bench.mitigate_outputs import figure_axes
+from memattn.bench.mitigate_settings import Setting, check_settings, parse_methods, settings_for
+from memattn.bench.pareto import mark_pareto
 from memattn.errors import MemattnError
 from memattn.mitigation import registry as methods
 
@@ -45,8 +47,6 @@ from memattn.mitigation import registry as methods
 TESTBED_GROUPS = ("memorized_matching", "memorized_template", "never_seen", "novel_composition")
 TESTBED_DEFAULTS = {**defaults.TESTBED, "per_group": 48}
 IMAGE_DEFAULTS = defaults.PAPER
-
-NO_STRENGTH = tuple(name for name, value in methods.DEFAULT_STRENGTH.items() if value is None)
 
 TESTBED_COLUMNS = (
     "copy_rate_128",
@@ -56,111 +56,6 @@ TESTBED_COLUMNS = (
     "all_attributes_clean",
 )
 IMAGE_COLUMNS = ("sscd_gen", "sscd_train", "clip_score_clean", "clip_score_memorized")
-
-
-@dataclass(frozen=True)
-class Setting:
-    """One row of the benchmark: a registered method (``memattn.mitigation.registry``) at one strength
-    (None: its default)."""
-
-    method: str
-    strength: float | None = None
-
-    @property
-    def label(self) -> str:
-        value = self.strength if self.strength is not None else methods.DEFAULT_STRENGTH[self.method]
-        return self.method if value is None else f"{self.method} {value:g}"
-
-
-# ---------------------------------------------------------------------------------------------- inputs
-
-
-def parse_methods(text: str | Sequence[str] | None) -> list[str]:
-    """Comma-separated (or listed) method names; ``None`` or ``all``: every method of the registry."""
-    if text is None:
-        return list(methods.METHODS)
-    names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
-    if names == ["all"]:
-        return list(methods.METHODS)
-    if not names:
-        raise MemattnError(f"--methods is empty; choose from {', '.join(methods.METHODS)}")
-    unknown = [n for n in names if n not in methods.METHODS]
-    if unknown:
-        raise MemattnError(
-            f"unknown mitigation method {', '.join(map(repr, unknown))}; "
-            f"choose from {', '.join(methods.METHODS)}"
-        )
-    return list(dict.fromkeys(names))
-
-
-def _number(method: str, value: Any) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise MemattnError(f"strength {value!r} for {method} is not a number") from None
-    if not math.isfinite(number) or isinstance(value, bool):
-        raise MemattnError(f"strength {value!r} for {method} is not a finite number")
-    return number
-
-
-def parse_strengths(values: Sequence[str] | None) -> dict[str, list[float]]:
-    """``METHOD=V[,V...]`` items, or JSON objects ``{"rta": [1, 4], "gni": 0.5}``, merged in order."""
-    out: dict[str, list[float]] = {}
-    for text in values or ():
-        text = text.strip()
-        if text.startswith("{"):
-            try:
-                parsed = json.loads(text)
-            except json.JSONDecodeError as error:
-                raise MemattnError(f"--strengths {text!r} is not valid JSON ({error.msg})") from None
-            if not isinstance(parsed, dict):
-                raise MemattnError("--strengths JSON must be an object: method -> number or list of numbers")
-            items = [(k, v if isinstance(v, list) else [v]) for k, v in parsed.items()]
-        else:
-            method, sep, rest = text.partition("=")
-            if not sep or not rest.strip():
-                raise MemattnError(f"--strengths {text!r}: write METHOD=VALUE[,VALUE...], e.g. rta=1,4,10")
-            items = [(method.strip(), [v for v in rest.split(",") if v.strip()])]
-        for method, raw in items:
-            if method not in methods.METHODS:
-                raise MemattnError(
-                    f"--strengths names unknown method {method!r}; choose from {', '.join(methods.METHODS)}"
-                )
-            if method in NO_STRENGTH:
-                raise MemattnError(f"{method} has no strength to sweep (remove it from --strengths)")
-            if not raw:
-                raise MemattnError(f"--strengths gives no value for {method}")
-            out.setdefault(method, []).extend(_number(method, v) for v in raw)
-    return {k: list(dict.fromkeys(v)) for k, v in out.items()}
-
-
-def settings_for(
-    method_names: Sequence[str] | None = None, strengths: dict[str, list[float]] | None = None
-) -> list[Setting]:
-    """``none`` first, then each method at its default or at each requested strength."""
-    names = parse_methods(method_names) if method_names is not None else list(methods.METHODS)
-    strengths = strengths or {}
-    extra = [m for m in strengths if m not in names]
-    if extra:
-        raise MemattnError(f"--strengths names {', '.join(extra)}, which --methods does not include")
-    out = [Setting("none")]
-    for name in names:
-        if name == "none":
-            continue
-        out += [Setting(name, v) for v in strengths[name]] if name in strengths else [Setting(name)]
-    return out
-
-
-def check_settings(pipe: Any, settings: Sequence[Setting], *, steps: int, guidance: float) -> None:
-    """Fail before the first (slow) generation: build and enter each method's context once, run nothing."""
-    for setting in settings:
-        if setting.method in ("stp", "opposite-guidance", "wen") and guidance <= 1:
-            raise MemattnError(
-                f"{setting.method} acts on classifier-free guidance: use --guidance > 1 or drop it"
-            )
-        prepared = methods.prepare(pipe, setting.method, ["a photo"], setting.strength, steps=steps)
-        with prepared.context:
-            pass
 
 
 # ------------------------------------------------------------------------------------------------- runs
@@ -473,81 +368,3 @@ def run_mitigation_bench(
     x_key, y_key = figure_axes(rows)
     mark_pareto(rows, x_key, y_key)
     return rows
-
-
-# ---------------------------------------------------------------------------------- figure and files
-
-
-def figure_axes(rows: Sequence[dict[str, Any]]) -> tuple[str, str]:
-    """(copy similarity, alignment) columns: lower x = less copying, higher y = more faithful."""
-    if rows and rows[0].get("mode") == "testbed":
-        return "similarity_128", "alignment_clean"
-    measured = any(math.isfinite(row.get("sscd_train", float("nan"))) for row in rows)
-    return ("sscd_train" if measured else "sscd_gen"), "clip_score_clean"
-
-
-def bench_notes(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """What the table cannot say by itself: unmeasured columns and measure caveats."""
-    notes = []
-    if not rows:
-        return notes
-    if rows[0].get("mode") == "testbed":
-        if any(not math.isfinite(row["copy_rate_128"]) for row in rows):
-            notes.append("no 128-copy item among the sampled prompts: raise --per-group (48 samples all)")
-        if any(row["method"] == "guard" for row in rows):
-            notes.append(
-                "guard rows: threshold at the stated FPR on 300 seen-once captions (never generated here); "
-                "flagged_128 / flagged_clean: share of those generations the guard edited"
-            )
-        if any(row["method"] == "wen" for row in rows):
-            notes.append(
-                "wen's default target loss (3) is SD1's scale; testbed noise norms are ~15 (try 15,10,5)"
-            )
-        return notes
-    if all(not math.isfinite(row["sscd_gen"]) for row in rows):
-        notes.append("copy similarity not measured: pass --sscd FILE (an SSCD TorchScript model)")
-    else:
-        notes.append(
-            "sscd_gen: SSCD cosine to the unmitigated generation of the same prompt and seed (none = 1)"
-        )
-    if all(not math.isfinite(row["clip_score_clean"]) for row in rows):
-        notes.append("alignment not measured: pass --clip DIR (a local CLIP model) and --clean FILE")
-    return notes
-
-
-def _json_value(value: Any) -> Any:
-    return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
-def write_outputs(
-    rows: Sequence[dict[str, Any]], out: str | Path, title: str | None = None
-) -> dict[str, Path]:
-    """``mitigation_bench.csv``, ``mitigation_bench.json`` (rows + notes) and ``pareto.png`` in ``out``."""
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise MemattnError(f"cannot create --out {out} ({error.strerror})") from None
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    written = {"csv": out / "mitigation_bench.csv", "json": out / "mitigation_bench.json"}
-    with written["csv"].open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    x_key, y_key = figure_axes(rows)
-    payload = {
-        "rows": [{k: _json_value(v) for k, v in row.items()} for row in rows],
-        "notes": bench_notes(rows),
-        "pareto_axes": [x_key, y_key],
-    }
-    written["json"].write_text(json.dumps(payload, indent=1))
-    if rows:
-        run = rows[0]
-        title = title or (
-            f"mitigations on {run['model']} ({run['mode']} measures; guidance {run['guidance']:g}, "
-            f"{run['steps']} steps, {run['seeds']} seed(s))"
-        )
-        figure = pareto_figure(rows, out / "pareto.png", x_key, y_key, title)
-        if figure is not None:
-            written["png"] = figure
-    return written

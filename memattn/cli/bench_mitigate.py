@@ -121,7 +121,9 @@ def mitigate_command(
     score of clean prompts (--clip). 'none' runs first: the reference for SSCD and the time ratio.
     """
     from memattn.bench.guarded import parse_guards
-    from memattn.bench.mitigate import bench_notes, parse_strengths, run_mitigation_bench, write_outputs
+    from memattn.bench.mitigate import run_mitigation_bench
+    from memattn.bench.mitigate_outputs import bench_notes, write_outputs
+    from memattn.bench.mitigate_settings import parse_strengths
     from memattn.loading import parse_dtype
     from memattn.paths import writable_directory
     from memattn.quiet import quiet_loading
