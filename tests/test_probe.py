@@ -282,6 +282,37 @@ def test_models_without_text_cross_attention_are_refused():
     )
     with pytest.raises(UnsupportedModelError, match="jointly over image and text"):
         memattn.trace(joint)
+    from diffusers import PixArtTransformer2DModel, SanaTransformer2DModel
+
+    pixart = PixArtTransformer2DModel(
+        sample_size=8,
+        num_layers=1,
+        patch_size=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        in_channels=4,
+        out_channels=8,
+        cross_attention_dim=16,
+        caption_channels=16,
+    )
+    sana = SanaTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        num_attention_heads=2,
+        attention_head_dim=4,
+        num_cross_attention_heads=2,
+        cross_attention_head_dim=4,
+        cross_attention_dim=8,
+        caption_channels=8,
+        sample_size=8,
+    )
+    for model in (pixart, sana):  # attn2 is there, but to T5/Gemma text: refused, never misaligned
+        with pytest.raises(UnsupportedModelError, match="no BOS token.*not supported yet"):
+            memattn.trace(model)
+        with pytest.raises(UnsupportedModelError, match="no BOS token"):
+            memattn.mitigate(model)
     added_kv = UNet2DConditionModel(
         sample_size=8,
         block_out_channels=(16, 32),

@@ -93,9 +93,19 @@ def cross_attention_layers(model: torch.nn.Module) -> list[tuple[str, Attention]
         and module.is_cross_attention
         and module.added_kv_proj_dim is None
     ]
+    kind = type(model).__name__
+    if layers and "Transformer" in kind:
+        # PixArt-α/Σ, Sana: real attn2 layers, but T5/Gemma text (no BOS; padding hidden by an attention
+        # mask; a sequence length the pipeline sets): CLIP token layouts would misalign silently.
+        raise UnsupportedModelError(
+            f"{kind} has text cross-attention (attn2), but to T5- or Gemma-encoded text: no BOS token, "
+            "padding hidden by an attention mask and a sequence length set by the pipeline, not the "
+            "tokenizer; memattn's token layouts are CLIP's, so its records, D/E and the BOS edit would "
+            "be silently wrong there. memattn supports UNet2DConditionModel pipelines (SD1.x, SD2.x, "
+            "SDXL); PixArt and Sana are not supported yet"
+        )
     if layers:
         return sorted(layers, key=lambda item: forward_order_key(item[0]))
-    kind = type(model).__name__
     attentions = [m for m in model.modules() if isinstance(m, Attention)]
     if "Transformer" in kind or any("Joint" in type(m.processor).__name__ for m in attentions):
         why = (
