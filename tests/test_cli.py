@@ -177,6 +177,11 @@ def test_zero_or_negative_sizes_are_refused_before_any_work(args, option):
         ["generate", "a dog", "--steps", "2", "--out"],
         ["scan", "PROMPTS", "--steps", "1", "--out"],
         ["report", "RESULTS", "--out"],
+        ["testbed", "report", "--out"],
+        ["bench", "detect", "--out"],
+        ["calibrate", "--clean", "PROMPTS", "--fpr", "1", "--out"],
+        ["finetune", "--max-train-steps", "1", "--output-dir"],
+        ["testbed", "train", "--fast", "--out"],
     ],
 )
 def test_an_unwritable_out_is_refused_before_the_work(args, tmp_path, model_dir):
@@ -189,14 +194,20 @@ def test_an_unwritable_out_is_refused_before_the_work(args, tmp_path, model_dir)
         for a in args
     ]
     target = "/proc/memattn-out/x.html" if args[0] == "report" else "/proc/memattn-out"
+    if args[0] == "calibrate":
+        target += "/guard.json"
+    model = "testbed" if args[0] in ("testbed", "bench", "finetune") else str(model_dir)
+    model_option = [] if args[:2] == ["testbed", "train"] else ["--model", model]
     result = subprocess.run(
-        [sys.executable, "-m", "memattn", *args, target, "--model", str(model_dir)],
+        [sys.executable, "-m", "memattn", *args, target, *model_option],
         capture_output=True,
         text=True,
         timeout=HANG_GUARD_S,
     )
     assert result.returncode == 2, result.stderr
-    assert result.stderr.startswith("error: --out /proc/memattn-out") and "cannot be written" in result.stderr
+    option = "--output-dir" if args[0] == "finetune" else "--out"
+    assert result.stderr.startswith(f"error: {option} /proc/memattn-out"), result.stderr
+    assert "cannot be written" in result.stderr
     assert "Traceback" not in result.stderr
 
 

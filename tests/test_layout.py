@@ -15,7 +15,7 @@ ALLOWED = {
     "attention": {"errors"},
     "detection": {"attention", "errors", "quiet"},
     "mitigation": {"attention", "detection", "errors"},
-    "training": {"attention", "detection", "errors", "interrupts"},
+    "training": {"attention", "detection", "errors", "interrupts", "paths"},
 }
 REEXPORT_ONLY = (ast.Import, ast.ImportFrom, ast.Expr, ast.Assign, ast.AnnAssign)
 

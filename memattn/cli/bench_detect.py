@@ -126,10 +126,12 @@ def bench_detect(
     from memattn.defaults import announce, is_testbed, resolve_settings
     from memattn.detection.combined import DETECTOR_FILE
     from memattn.loading import load_pipeline, resolve_model
+    from memattn.paths import writable_directory
     from memattn.prompts import read_prompts
     from memattn.quiet import quiet_loading
 
     quiet_loading()
+    writable_directory(out, "--out")  # before the work: the detector must have somewhere to go
     steps, guidance, settings_line = resolve_settings(model, steps, guidance)
     resolved = resolve_model(model)
     if memorized is None and clean is None:

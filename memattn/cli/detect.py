@@ -102,6 +102,7 @@ def calibrate(
         min_clean_prompts,
         threshold_at_fpr,
     )
+    from memattn.paths import writable_file
     from memattn.prompts import read_prompts
 
     quiet_loading()
@@ -126,6 +127,7 @@ def calibrate(
             f"{model} is bundled inside the memattn package, which calibrate never writes into: pass "
             "--out FILE, then --calibration FILE to scan and generate"
         )
+    writable_file(target, "--out" if out is not None else "the calibration file")  # before the scoring
     pipe = load_pipeline(str(path), progress_bar=False)
     announce(settings_line)
     e_layer = None if layer is None else parse_layer(layer)

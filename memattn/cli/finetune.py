@@ -123,9 +123,11 @@ def finetune(
 ) -> None:
     """Fine-tune a pipeline's UNet (text encoder frozen) with a training-time memorization mitigation."""
     from memattn.cli.console import stderr
+    from memattn.paths import writable_directory
     from memattn.training import FinetuneConfig, MitigationConfig
     from memattn.training import finetune as run
 
+    writable_directory(output_dir, "--output-dir")  # before the base pipeline loads
     quiet_loading()
     config = FinetuneConfig(
         output_dir=str(output_dir),

@@ -39,6 +39,10 @@ def testbed_train(
     """Train the testbed model (seeded, resumable); writes OUT/pipeline, loadable with from_pretrained."""
     from dataclasses import replace
 
+    from memattn.paths import writable_directory
+
+    writable_directory(out, "--out")  # before the text encoder's pre-training
+    quiet_loading()  # before transformers is imported: its import-time notices are not the user's concern
     from memattn.testbed.train import DETAIL, DETAIL_FAST, OBJECTS, OBJECTS_FAST, train, with_steps
 
     recipes = {
@@ -149,6 +153,7 @@ def testbed_report(
     quiet_loading()
     from memattn.loading import load_pipeline, resolve_model
     from memattn.mitigation.guard import GUARD_EDITS
+    from memattn.paths import writable_directory
     from memattn.testbed.evaluate import PRE_REGISTERED_E_LAYER, evaluate
     from memattn.testbed.manifest import load_manifest, scene_of
     from memattn.testbed.report import write_report
@@ -160,6 +165,7 @@ def testbed_report(
             f"--guidance {guidance}: must be at least 1 (1 turns classifier-free guidance off)"
         )
     console = stdout
+    writable_directory(out, "--out")  # before minutes of generation
     path = Path(resolve_model(model))
     manifest = load_manifest(path)
     guard_layer = PRE_REGISTERED_E_LAYER.get(scene_of(path))

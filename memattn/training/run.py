@@ -13,6 +13,7 @@ import torch
 
 from memattn.errors import Interrupted, MemattnError
 from memattn.interrupts import StopRequest
+from memattn.paths import writable_directory
 from memattn.training.checkpoints import StepLog, latest_checkpoint
 from memattn.training.config import CHECKPOINTS, LOG_FILE, FinetuneConfig
 from memattn.training.loop import Finetuner
@@ -54,6 +55,7 @@ def finetune(
     from tqdm.auto import tqdm
 
     out = Path(config.output_dir)
+    writable_directory(out, "the output directory")  # one line, not an OSError, before any loading
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = _resume_point(config, out)
     if command is None:
