@@ -79,13 +79,16 @@ FINGERPRINT = json.loads((Path(__file__).parent / "data" / "trainer_fingerprint.
 def assert_trainer_fingerprint(run: Path, recipe: str) -> None:
     """The weights the testbed trainer gave this recipe before it became a configuration of the finetune
     loop (the bundled models were trained by that trainer): the loop must still train the same model.
-    The tolerance is far below what one changed step moves and far above CPU float noise."""
+
+    On one machine the loop reproduces the trainer to the last digit; another CPU (other float kernels,
+    same torch, 1 thread) moved the sums by up to 0.0065 (measured, 2026-12-04). The tolerance, 0.05, is
+    well above that and 37x below what one training step less moves the sum (1.86)."""
     tensors = weights(run)
     expected = FINGERPRINT[recipe]
     assert len(tensors) == expected["tensors"]
-    assert sum(float(v.double().sum()) for v in tensors.values()) == pytest.approx(expected["sum"], abs=1e-4)
+    assert sum(float(v.double().sum()) for v in tensors.values()) == pytest.approx(expected["sum"], abs=0.05)
     squares = sum(float(v.double().square().sum()) for v in tensors.values())
-    assert squares == pytest.approx(expected["sum_of_squares"], abs=1e-4)
+    assert squares == pytest.approx(expected["sum_of_squares"], abs=0.05)
 
 
 def test_the_loop_trains_what_the_former_trainer_trained(reference):
