@@ -133,11 +133,9 @@ STEP1_ATTENTION_FEATURES = ("bos_share", "summary_share")
 
 def step1_features(record: AttentionRecord, wen_norm: np.ndarray | None) -> tuple[np.ndarray, list[str]]:
     """``[image, feature]`` at the first step: E per layer, BOS and summary shares, Wen's norm."""
-    layouts = record.require_layouts()
     per_layer = scores.layer_entropy_curves(record)[0].T.numpy()  # [image, layer]
-    mean = scores.mean_attention(record)[0]  # [image, token]
-    bos = mean[:, 0].numpy()
-    summary = np.array([float(mean[i, layout.eos_index :].sum()) for i, layout in enumerate(layouts)])
+    bos = scores.bos_share(record).numpy()  # refused (one line) where the tokenizer adds no BOS
+    summary = np.array([float(v) for v in scores.summary_share(record)])
     columns = [per_layer, bos[:, None], summary[:, None]]
     names = [f"e_layer{i}" for i in range(per_layer.shape[1])] + list(STEP1_ATTENTION_FEATURES)
     if wen_norm is not None:
