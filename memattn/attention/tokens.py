@@ -50,8 +50,8 @@ class TokenLayout:
         if not first <= self.eos_index < self.context_length:
             needs = "BOS and EOS" if self.has_bos else "EOS"
             raise LayoutError(
-                f"EOS index {self.eos_index} is outside {first}..{self.context_length - 1}; a prompt needs at "
-                f"least {needs} inside the context window"
+                f"EOS index {self.eos_index} is outside {first}..{self.context_length - 1}; a prompt needs "
+                f"at least {needs} inside the context window"
             )
         if self.attended is not None and not self.eos_index < self.attended <= self.context_length:
             raise LayoutError(
@@ -159,7 +159,9 @@ class TokenLayout:
                 f"encoders disagree on context length ({self.context_length} vs {other.context_length})"
             )
         if other.bos_index != self.bos_index or other.attended is not None or self.attended is not None:
-            raise LayoutError("only CLIP layouts (BOS at 0, no attention mask) share positions across encoders")
+            raise LayoutError(
+                "only CLIP layouts (BOS at 0, no attention mask) share positions across encoders"
+            )
         first = self if self.eos_index <= other.eos_index else other
         return TokenLayout(
             eos_index=first.eos_index,
@@ -225,9 +227,7 @@ def encode_spec(pipeline: Any, arguments: dict[str, Any]) -> EncodeSpec:
             finally:
                 logger.setLevel(level)
 
-    return EncodeSpec(
-        max_length=length, masked="prompt_attention_mask" in arguments, preprocess=preprocess
-    )
+    return EncodeSpec(max_length=length, masked="prompt_attention_mask" in arguments, preprocess=preprocess)
 
 
 def tokenize_layouts(

@@ -1,0 +1,262 @@
+"""PixArt-α/Σ (a DiT reading T5 text through attn2) on tiny real pipelines: what memattn reads and edits.
+
+T5 conventions (docs/models.md): no BOS, words, ``</s>``, ``<pad>`` up to the pipeline's
+``max_sequence_length`` (120 for α, 300 for Σ), padding hidden by the pipeline's attention mask.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import generators
+from diffusers.models.attention_processor import Attention
+
+import memattn
+from memattn.attention.processor import CrossAttentionProbe
+from memattn.attention.tokens import TokenLayout
+from memattn.detection import scores
+from memattn.errors import LayoutError
+from memattn.loading import load_pipeline
+from memattn.testing import t5_tokenizer, tiny_pixart_pipeline
+
+PROMPTS = ["A photo of an astronaut riding a horse on Mars", "a dog", "Mothers influence on her young hippo!"]
+NO_BOS = (
+    r"has no BOS token .*c=1\.25; use memattn\.mitigate\(pipe, c=1\.0, mask_padding=True, mask_eos=True\)"
+)
+ENCODED = {"alpha": 120, "sigma": 300}  # the pipelines' max_sequence_length defaults
+
+
+@pytest.fixture(scope="module", params=["alpha", "sigma"])
+def pixart(request):
+    return request.param, tiny_pixart_pipeline(request.param, seed=5)
+
+
+@pytest.fixture(scope="module")
+def alpha():
+    return tiny_pixart_pipeline("alpha", seed=6)
+
+
+def generate(pipe, prompts, seeds, *, steps=3, guidance=4.5, per_prompt=1, **kwargs):
+    return pipe(
+        prompts,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=generators(seeds),
+        num_images_per_prompt=per_prompt,
+        output_type="np",
+        use_resolution_binning=False,
+        **kwargs,
+    ).images
+
+
+def run(pipe, prompts, seeds, **kwargs):
+    with memattn.trace(pipe) as tr:
+        images = generate(pipe, prompts, seeds, **kwargs)
+    return tr.record, images
+
+
+def expected_eos(prompt: str) -> int:
+    """Words and punctuation of the lowercased prompt (PixArt lowercases), then ``</s>``."""
+    return len(t5_tokenizer()(prompt.lower())["input_ids"]) - 1
+
+
+def test_tracing_does_not_change_the_images(pixart):
+    _, pipe = pixart
+    seeds = [0, 1, 2]
+    plain = generate(pipe, PROMPTS, seeds)
+    _, traced = run(pipe, PROMPTS, seeds)
+    assert (plain == traced).all()  # the probe keeps AttnProcessor2_0's SDPA call, mask included
+
+
+def test_records_follow_the_encode_call(pixart):
+    kind, pipe = pixart
+    calls = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        record, _ = run(pipe, PROMPTS, [0, 1, 2])
+    finally:
+        handle.remove()
+    assert record.n_steps == len(calls) == 3  # one step per denoiser call
+    assert record.layer_names == ("transformer_blocks.0.attn2", "transformer_blocks.1.attn2")
+    assert torch.isfinite(record.attention).all()
+    assert record.attention.shape[-1] == ENCODED[kind] != t5_tokenizer().model_max_length
+    for image, (prompt, layout) in enumerate(zip(PROMPTS, record.layouts, strict=True)):
+        assert layout.context_length == ENCODED[kind]
+        assert layout.bos_index is None and not layout.has_bos
+        assert layout.eos_index == expected_eos(prompt)
+        assert layout.prompt_span == range(0, layout.eos_index)  # position 0 is the first word
+        assert layout.token(layout.eos_index) == "</s>" and layout.token(layout.eos_index + 1) == "<pad>"
+        assert layout.attended == layout.eos_index + 1 and layout.padding_masked
+        rows = record.attention[:, :, image]  # [step, layer, head, token]
+        attendable = rows[..., : layout.attended]
+        torch.testing.assert_close(attendable.sum(-1), torch.ones_like(attendable.sum(-1)), atol=1e-5, rtol=0)
+        assert (rows[..., layout.attended :] == 0).all()  # masked padding: recorded, exactly zero
+        assert (attendable > 0).all()
+
+
+def test_the_encoded_length_is_the_calls_own(alpha):
+    long_prompt = " ".join(["red"] * 30)
+    record, _ = run(alpha, ["a dog", long_prompt], [0, 1], steps=2, max_sequence_length=16)
+    short, cut = record.layouts
+    assert record.attention.shape[-1] == short.context_length == cut.context_length == 16
+    assert not short.truncated and short.eos_index == 2
+    assert cut.truncated and cut.eos_index == 15 and cut.attended == 16  # T5 keeps </s> when truncating
+
+
+def test_recorded_probabilities_match_diffusers_reference(alpha):
+    """Recompute layer 1 with diffusers' own `get_attention_scores`, the layer's own mask included."""
+    module: Attention = dict(alpha.transformer.named_modules())["transformer_blocks.1.attn2"]
+    captured = {}
+
+    def capture(mod, args, kwargs):
+        captured.setdefault("hidden", args[0].detach().clone())
+        captured.setdefault("context", kwargs["encoder_hidden_states"].detach().clone())
+        captured.setdefault("mask", kwargs["attention_mask"].detach().clone())
+
+    handle = module.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        record, _ = run(alpha, PROMPTS[:2], [0, 1], steps=1)
+    finally:
+        handle.remove()
+    batch, tokens = captured["context"].shape[:2]
+    mask = module.prepare_attention_mask(captured["mask"], tokens, batch)
+    query = module.head_to_batch_dim(module.to_q(captured["hidden"]))
+    key = module.head_to_batch_dim(module.to_k(captured["context"]))
+    probs = module.get_attention_scores(query, key, mask)  # (batch·heads, queries, tokens)
+    reference = probs.view(batch, module.heads, -1, tokens).mean(dim=2)[batch // 2 :]  # conditional half
+    torch.testing.assert_close(record.attention[0, 1], reference.detach(), atol=1e-6, rtol=1e-5)
+
+
+def test_scores_on_t5_records(pixart):
+    _, pipe = pixart
+    record, _ = run(pipe, PROMPTS, [0, 1, 2], steps=4)
+    d, e = memattn.score_d(record), memattn.score_e(record)
+    assert d.shape == e.shape == (3,) and torch.isfinite(d).all() and torch.isfinite(e).all()
+    mean = scores.mean_attention(record)  # [step, image, token]
+    for image, layout in enumerate(record.layouts):
+        p = mean[:, image, : layout.attended]
+        own = -(p * p.log()).sum(-1)  # entropy over the attendable tokens (words + EOS) only
+        torch.testing.assert_close(scores.entropy_curve(record)[:, image], own, atol=1e-5, rtol=0)
+        eos = mean[:, image, layout.eos_index]  # the summary term: EOS alone (padding is masked)
+        torch.testing.assert_close(
+            scores.summary_entropy_curve(record)[:, image], -eos * eos.log(), atol=1e-6, rtol=0
+        )
+        torch.testing.assert_close(scores.summary_share(record)[image], eos[0], atol=1e-6, rtol=0)
+    triggers = scores.trigger_tokens(record, k=2)
+    assert all(t.position in record.layouts[0].prompt_span for t in triggers[0])
+    assert {t.token for t in triggers[1]} <= {"a", "dog"}  # position 0 is a word, never skipped as BOS
+
+
+def test_bos_based_scores_are_refused_with_the_alternative(alpha):
+    record, _ = run(alpha, PROMPTS[:2], [0, 1], steps=1)
+    with pytest.raises(LayoutError, match=r"BOS share is not defined .*use the summary \(EOS\) share"):
+        scores.bos_share(record)
+    from memattn.detection.baselines import step1_features
+
+    with pytest.raises(LayoutError, match="BOS share is not defined"):
+        step1_features(record, None)
+
+
+def test_each_image_row_matches_its_prompt_run_alone(alpha):
+    """Prompts of different lengths × 2 images each: every row keeps its own prompt's layout and mask."""
+    prompts = PROMPTS[:2]
+    seeds = [10, 11, 12, 13]
+    batch, _ = run(alpha, prompts, seeds, per_prompt=2)
+    assert batch.n_images == 4
+    assert batch.layouts[0] == batch.layouts[1] != batch.layouts[2] == batch.layouts[3]
+    for image, seed in enumerate(seeds):
+        alone, _ = run(alpha, [prompts[image // 2]], [seed])
+        assert batch.layouts[image] == alone.layouts[0]
+        torch.testing.assert_close(batch.attention[:, :, image], alone.attention[:, :, 0], atol=1e-5, rtol=0)
+
+
+def test_the_paper_edit_is_refused_without_a_bos(pixart):
+    _, pipe = pixart
+    with pytest.raises(LayoutError, match=NO_BOS):
+        memattn.mitigate(pipe)  # C = 1.25 by default
+    with pytest.raises(LayoutError, match=NO_BOS):
+        memattn.mitigate(pipe, c=1.25, mask_eos=True)
+
+
+def test_masking_the_eos_changes_the_output_and_restores_the_pipeline(alpha):
+    before = dict(alpha.transformer.attn_processors)
+    encode = alpha.encode_prompt
+    seeds = [3, 4]
+    plain = generate(alpha, PROMPTS[:2], seeds)
+    with memattn.mitigate(alpha, c=1.0, mask_eos=True), memattn.trace(alpha) as tr:
+        assert all(
+            isinstance(p, CrossAttentionProbe)
+            for name, p in alpha.transformer.attn_processors.items()
+            if "attn2" in name
+        )
+        edited = generate(alpha, PROMPTS[:2], seeds)
+    assert np.abs(edited - plain).max() > 1e-3
+    for image, layout in enumerate(tr.record.layouts):  # the trace sees the edited attention
+        rows = tr.record.attention[:, :, image]
+        assert (rows[..., layout.eos_index :] == 0).all()
+        torch.testing.assert_close(rows.sum(-1), torch.ones_like(rows.sum(-1)), atol=1e-5, rtol=0)
+    after = alpha.transformer.attn_processors
+    assert all(after[name] is before[name] for name in before)
+    assert "encode_prompt" not in vars(alpha) and alpha.encode_prompt == encode
+    assert not alpha.transformer._forward_pre_hooks
+    assert (generate(alpha, PROMPTS[:2], seeds) == plain).all()
+
+
+def test_masking_padding_alone_changes_nothing_on_pixart(alpha):
+    """PixArt's own mask already hides the padding: the padding mask adds nothing the model attends to."""
+    seeds = [3, 4]
+    plain = generate(alpha, PROMPTS[:2], seeds)
+    with memattn.mitigate(alpha, c=1.0, mask_padding=True):
+        masked = generate(alpha, PROMPTS[:2], seeds)
+    np.testing.assert_allclose(masked, plain, atol=1e-6, rtol=0)
+
+
+def test_an_empty_prompt_cannot_lose_its_only_token(alpha):
+    with pytest.raises(LayoutError, match="would attend to no text token"):
+        with memattn.mitigate(alpha, c=1.0, mask_eos=True):
+            generate(alpha, [""], [0], steps=1)
+
+
+def test_layouts_that_do_not_describe_the_call_are_errors(alpha):
+    transformer = alpha.transformer
+    torch.manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8)
+    text = torch.randn(2, 10, 32)
+    mask = torch.tensor([[1] * 4 + [0] * 6, [1] * 7 + [0] * 3])
+    inputs = dict(
+        encoder_hidden_states=text,
+        timestep=torch.tensor([500, 500]),
+        added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+    )
+    right = [TokenLayout(eos_index=3, context_length=10, bos_index=None, attended=4)]
+    right.append(TokenLayout(eos_index=6, context_length=10, bos_index=None, attended=7))
+    with torch.no_grad(), memattn.trace(transformer, layouts=right) as tr:
+        transformer(latents, encoder_attention_mask=mask, **inputs)
+    assert tr.record.layouts == tuple(right)
+    wrong = [right[0], TokenLayout(eos_index=5, context_length=10, bos_index=None, attended=6)]
+    with torch.no_grad(), memattn.trace(transformer, layouts=wrong) as tr:
+        transformer(latents, encoder_attention_mask=mask, **inputs)
+    with pytest.raises(
+        LayoutError, match="image 1: the denoiser attends to 7 text positions, its token layout to 6"
+    ):
+        _ = tr.record
+    with torch.no_grad(), memattn.trace(transformer, layouts=right) as tr:
+        transformer(latents, **inputs)  # no mask: the padding the layouts call masked is attended
+    with pytest.raises(LayoutError, match=r"images \[0, 1\] say the padding is masked"):
+        _ = tr.record
+    clip = [TokenLayout(eos_index=3), TokenLayout(eos_index=6)]  # 77 positions, the model has 10
+    with pytest.raises(LayoutError, match="attends to 10 text tokens but the token layouts have 77"):
+        with torch.no_grad(), memattn.trace(transformer, layouts=clip):
+            transformer(latents, encoder_attention_mask=mask, **inputs)
+
+
+def test_saved_pipeline_loads_and_traces_the_same(alpha, tmp_path):
+    alpha.save_pretrained(tmp_path / "pixart", safe_serialization=True)
+    loaded = load_pipeline(str(tmp_path / "pixart"), progress_bar=False)
+    assert type(loaded).__name__ == "PixArtAlphaPipeline"
+    first, images = run(alpha, PROMPTS[:2], [0, 1], steps=2)
+    again, loaded_images = run(loaded, PROMPTS[:2], [0, 1], steps=2)
+    assert (images == loaded_images).all()
+    assert again.layouts == first.layouts and again.layouts[0].context_length == ENCODED["alpha"]
+    torch.testing.assert_close(again.attention, first.attention, atol=0, rtol=0)
