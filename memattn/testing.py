@@ -108,15 +108,16 @@ def _text_encoder(pad_id: int, hidden: int = 32, projection: bool = False):
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
 
 
-def _vae():
+def _vae(blocks: int = 2):
+    """Tiny KL VAE; ``blocks`` sets the scale factor (2 blocks: 2×, 4 blocks: 8× as in the real ones)."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        block_out_channels=[8, 16],
+        block_out_channels=[8, 16] + [16] * (blocks - 2),
         in_channels=3,
         out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2,
+        down_block_types=["DownEncoderBlock2D"] * blocks,
+        up_block_types=["UpDecoderBlock2D"] * blocks,
         latent_channels=4,
         norm_num_groups=8,
         layers_per_block=1,
@@ -313,9 +314,10 @@ def tiny_pixart_pipeline(kind: PixArtKind = "alpha", *, seed: int = 0, attention
     """A PixArt-α (``alpha``) or PixArt-Σ (``sigma``) pipeline with random weights, from configs.
 
     The real classes: ``PixArtTransformer2DModel`` (2 blocks, 2 heads of 8, patch 2, learned sigma),
-    a 2-layer ``T5EncoderModel``, the tiny VAE of the SD pipelines and :func:`t5_tokenizer`. α uses DDIM,
-    Σ the DPM-Solver++ multistep scheduler (PixArt's default). ``attention_gain`` sharpens the attn2
-    query/key weights as for the SD pipelines.
+    a 2-layer ``T5EncoderModel``, a tiny 8× VAE and :func:`t5_tokenizer`. Latents are 32×32 (256 px):
+    PixArt's smallest resolution bin, so the pipeline runs with its default ``use_resolution_binning``.
+    α uses DDIM, Σ the DPM-Solver++ multistep scheduler (PixArt's default). ``attention_gain``
+    sharpens the attn2 query/key weights as for the SD pipelines.
     """
     from diffusers import (
         DDIMScheduler,
@@ -330,7 +332,7 @@ def tiny_pixart_pipeline(kind: PixArtKind = "alpha", *, seed: int = 0, attention
     torch.manual_seed(seed)
     tokenizer = t5_tokenizer()
     transformer = PixArtTransformer2DModel(
-        sample_size=8,
+        sample_size=32,
         num_layers=2,
         patch_size=2,
         attention_head_dim=8,
@@ -349,7 +351,7 @@ def tiny_pixart_pipeline(kind: PixArtKind = "alpha", *, seed: int = 0, attention
     components = dict(
         tokenizer=tokenizer,
         text_encoder=_t5_encoder(len(tokenizer)),
-        vae=_vae(),
+        vae=_vae(blocks=4),
         transformer=transformer,
     )
     if kind == "alpha":

@@ -45,7 +45,6 @@ def generate(pipe, prompts, seeds, *, steps=3, guidance=4.5, per_prompt=1, **kwa
         generator=generators(seeds),
         num_images_per_prompt=per_prompt,
         output_type="np",
-        use_resolution_binning=False,
         **kwargs,
     ).images
 
@@ -221,7 +220,7 @@ def test_an_empty_prompt_cannot_lose_its_only_token(alpha):
 def test_layouts_that_do_not_describe_the_call_are_errors(alpha):
     transformer = alpha.transformer
     torch.manual_seed(0)
-    latents = torch.randn(2, 4, 8, 8)
+    latents = torch.randn(2, 4, 32, 32)
     text = torch.randn(2, 10, 32)
     mask = torch.tensor([[1] * 4 + [0] * 6, [1] * 7 + [0] * 3])
     inputs = dict(
@@ -260,3 +259,52 @@ def test_saved_pipeline_loads_and_traces_the_same(alpha, tmp_path):
     assert (images == loaded_images).all()
     assert again.layouts == first.layouts and again.layouts[0].context_length == ENCODED["alpha"]
     torch.testing.assert_close(again.attention, first.attention, atol=0, rtol=0)
+
+
+def test_detect_runs_end_to_end(alpha):
+    rows = memattn.detect(alpha, PROMPTS, which=("d", "e"), steps=3, guidance_scale=4.5, progress=False)
+    assert [row.prompt for row in rows] == PROMPTS
+    for row in rows:
+        assert np.isfinite(row.score_d) and np.isfinite(row.score_e)
+        assert row.n_tokens == expected_eos(row.prompt) + 1 and not row.truncated  # words + </s>
+        words = set(row.prompt.lower().replace("!", " ! ").split())
+        assert row.triggers and {token for token, _ in row.triggers} <= words
+    e_only = memattn.detect(alpha, PROMPTS, which=("e",), steps=3, guidance_scale=4.5, progress=False)
+    np.testing.assert_allclose([r.score_e for r in e_only], [r.score_e for r in rows], atol=1e-5, rtol=0)
+
+
+def test_wen_step1_norm_reads_the_noise_half_of_a_learned_sigma_output(alpha):
+    from memattn.detection.step1 import score_step1
+
+    step1 = score_step1(alpha, PROMPTS, seeds=[0, 1, 2], steps=3, guidance_scale=4.5, wen=True)
+    assert step1.wen.shape == (3,) and np.isfinite(step1.wen).all()
+    outputs = []
+    handle = alpha.transformer.register_forward_hook(lambda m, a, out: outputs.append(out[0].detach()))
+    try:
+        score_step1(alpha, PROMPTS, seeds=[0, 1, 2], steps=3, guidance_scale=4.5, wen=False)
+    finally:
+        handle.remove()
+    assert len(outputs) == 1  # PixArt cannot be interrupted: the step callback stopped it after one call
+    uncond, cond = outputs[0][:, :4].chunk(2)  # the pipeline keeps the first 4 of 8 channels as noise
+    np.testing.assert_allclose(step1.wen, (cond - uncond).flatten(1).norm(dim=1).numpy(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["continue", "restart"])
+def test_guard_masks_the_eos_of_flagged_images_only(alpha, mode):
+    with pytest.raises(LayoutError, match=r'has no BOS token .*use Guard\(pipe, mitigation=\{"c": 1\.0'):
+        memattn.Guard(alpha, threshold=0.0)
+    settings = dict(num_inference_steps=3, guidance_scale=4.5)
+    probe = memattn.Guard(alpha, threshold=0.0, mitigation={"c": 1.0, "mask_eos": True})
+    e = probe.score_prompts(PROMPTS[:2], generator=generators([0, 1]), **settings)
+    assert e[0] != e[1]
+    guard = memattn.Guard(
+        alpha, threshold=float(e.mean()), mitigation={"c": 1.0, "mask_eos": True}, mode=mode
+    )
+    out = guard(PROMPTS[:2], generator=generators([0, 1]), output_type="np", **settings)
+    flagged = np.array([v.flagged for v in out.verdicts])
+    assert flagged.tolist() == (e > e.mean()).tolist()
+    np.testing.assert_allclose([v.score for v in out.verdicts], e, atol=1e-6, rtol=0)
+    plain = generate(alpha, PROMPTS[:2], [0, 1], steps=3)
+    diff = np.abs(out.images - plain).reshape(2, -1).max(axis=1)
+    assert (diff[~flagged] <= 1e-5).all() and (diff[flagged] > 1e-3).all()
+    assert not alpha.transformer._forward_pre_hooks and "encode_prompt" not in vars(alpha)

@@ -32,12 +32,15 @@ from memattn.errors import LayoutError, MemattnError
 PAPER_C = 1.25  # Ren et al.'s BOS logit factor: the one place it is written
 
 
-def no_bos_message(c: float, owner: str = "this model") -> str:
+MASK_EOS_INSTEAD = "memattn.mitigate(pipe, c=1.0, mask_padding=True, mask_eos=True)"
+
+
+def no_bos_message(c: float, owner: str = "this model", alternative: str = MASK_EOS_INSTEAD) -> str:
     """The one line for a BOS edit asked of a model whose tokenizer adds no BOS (T5: PixArt)."""
     return (
         f"{owner} has no BOS token (its T5 tokenizer starts with the first prompt word), so there is no "
-        f"BOS logit to multiply by c={c:g}; use memattn.mitigate(pipe, c=1.0, mask_padding=True, "
-        "mask_eos=True) to mask the EOS instead (the pipeline already masks the padding)"
+        f"BOS logit to multiply by c={c:g}; use {alternative} to mask the EOS instead (the pipeline "
+        "already masks the padding)"
     )
 
 
