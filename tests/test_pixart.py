@@ -308,3 +308,55 @@ def test_guard_masks_the_eos_of_flagged_images_only(alpha, mode):
     diff = np.abs(out.images - plain).reshape(2, -1).max(axis=1)
     assert (diff[~flagged] <= 1e-5).all() and (diff[flagged] > 1e-3).all()
     assert not alpha.transformer._forward_pre_hooks and "encode_prompt" not in vars(alpha)
+
+
+def test_unconditional_rows_get_the_negative_prompts_layout(alpha):
+    with memattn.trace(alpha, record_uncond=True) as tr:
+        generate(alpha, PROMPTS[:2], [0, 1], steps=2)
+    record = tr.record
+    assert [layout.eos_index for layout in record.uncond_layouts] == [0, 0]  # "" is </s> alone
+    assert all(layout.attended == 1 and not layout.has_bos for layout in record.uncond_layouts)
+    torch.testing.assert_close(
+        record.uncond_attention[..., 0], torch.ones_like(record.uncond_attention[..., 0]), atol=1e-6, rtol=0
+    )
+
+
+# ---- T5 layouts on their own ------------------------------------------------------------------------
+
+
+def test_t5_layouts_are_found_from_the_tokenizer_and_checked():
+    from memattn.attention.tokens import adds_bos, tokenize_layouts
+    from memattn.testing import clip_tokenizer
+
+    tok = t5_tokenizer()
+    assert not adds_bos(tok) and adds_bos(clip_tokenizer())
+    short, empty = tokenize_layouts(tok, ["a dog", ""], max_length=8, masked=True)
+    assert (short.bos_index, short.eos_index, short.attended, short.context_length) == (None, 2, 3, 8)
+    assert (empty.eos_index, empty.prompt_span, empty.n_tokens) == (0, range(0, 0), 1)
+    (unmasked,) = tokenize_layouts(tok, ["a dog"], max_length=8)
+    assert unmasked.attended is None and unmasked.attendable_span == range(8)
+    with pytest.raises(LayoutError, match=r"EOS index 0 is outside 1\.\.76; a prompt needs at least BOS"):
+        TokenLayout(eos_index=0)  # with a BOS an EOS at 0 is impossible
+    with pytest.raises(LayoutError, match="must cover the EOS"):
+        TokenLayout(eos_index=3, context_length=8, bos_index=None, attended=3)
+    with pytest.raises(LayoutError, match="BOS sits at position 0 or nowhere"):
+        TokenLayout(eos_index=3, bos_index=2)
+    with pytest.raises(LayoutError, match="not ones followed by zeros.*padding_side='right'"):
+        TokenLayout.from_ids([0, 0, 5, 1], 1, bos=False, attention_mask=[0, 0, 1, 1])
+    with pytest.raises(LayoutError, match=r"no EOS \(id 1\) in 3 ids"):
+        TokenLayout.from_ids([5, 6, 7], 1, bos=False)
+    with pytest.raises(LayoutError, match="only CLIP layouts"):
+        short.merged(short)
+
+
+def test_the_encode_spec_is_read_from_the_call(alpha):
+    from memattn.attention.patch import call_arguments
+    from memattn.attention.tokens import encode_spec
+
+    default = encode_spec(alpha, call_arguments(alpha, "encode_prompt", ("A Dog",), {}))
+    assert (default.max_length, default.masked) == (120, True)
+    assert default.prepare(["  A Dog "]) == ["a dog"]  # PixArt's own preprocessing: lowercase, strip
+    given = encode_spec(alpha, call_arguments(alpha, "encode_prompt", ("a",), {"max_sequence_length": 7}))
+    assert given.max_length == 7
+    with pytest.raises(LayoutError, match="max_sequence_length must be a positive integer"):
+        encode_spec(alpha, {"max_sequence_length": 0})
