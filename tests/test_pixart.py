@@ -360,3 +360,48 @@ def test_the_encode_spec_is_read_from_the_call(alpha):
     assert given.max_length == 7
     with pytest.raises(LayoutError, match="max_sequence_length must be a positive integer"):
         encode_spec(alpha, {"max_sequence_length": 0})
+
+
+def test_prompt_embeds_take_their_layouts_from_the_attention_mask(alpha):
+    seeds = [0, 1]
+    by_text, images = run(alpha, PROMPTS[:2], seeds, steps=2)
+    with torch.no_grad():
+        embeds, mask, negative, negative_mask = alpha.encode_prompt(PROMPTS[:2], max_sequence_length=120)
+    arguments = dict(
+        negative_prompt=None,
+        prompt_embeds=embeds,
+        prompt_attention_mask=mask,
+        negative_prompt_embeds=negative,
+        negative_prompt_attention_mask=negative_mask,
+    )
+    by_embeds, embed_images = run(alpha, None, seeds, steps=2, **arguments)
+    assert (embed_images == images).all()
+    for text, embed in zip(by_text.layouts, by_embeds.layouts, strict=True):
+        assert (embed.eos_index, embed.attended, embed.bos_index) == (text.eos_index, text.attended, None)
+    torch.testing.assert_close(by_embeds.attention, by_text.attention, atol=0, rtol=0)
+    assert torch.isfinite(memattn.score_d(by_embeds)).all()
+
+
+def test_probe_adds_no_host_synchronisation(alpha):
+    """As for SD (tests/test_probe.py): the traced call reads no more device scalars than the plain one."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountScalarReads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    def call():
+        alpha(PROMPTS[:2], num_inference_steps=3, generator=generators([0, 1]), output_type="latent")
+
+    with CountScalarReads() as plain:
+        call()
+    with memattn.trace(alpha) as tr, CountScalarReads() as traced:
+        call()
+    assert traced.count == plain.count
+    assert tr.record.n_steps == 3

@@ -33,7 +33,7 @@ import torch
 from memattn.attention.layers import cross_attention_layers, find_denoiser
 from memattn.attention.patch import Patch, call_arguments
 from memattn.attention.processor import CrossAttentionProbe
-from memattn.attention.tokens import TokenLayout, encode_spec, pipeline_layouts
+from memattn.attention.tokens import TokenLayout, adds_bos, encode_spec, pipeline_layouts
 from memattn.errors import LayoutError, MemattnError, RecordError
 
 
@@ -320,6 +320,11 @@ class AttentionSession:
                 if count is not None and len(lengths) != count:
                     raise LayoutError(f"{len(lengths)} lengths given for {count} prompt embeddings")
                 layouts = [TokenLayout.from_length(n) for n in lengths]
+            elif isinstance(arguments.get("prompt_attention_mask"), torch.Tensor) and self._tokenizers:
+                # PixArt with prompt_embeds: the mask says which positions are words + EOS
+                bos = adds_bos(self._tokenizers[0])
+                rows = arguments["prompt_attention_mask"].tolist()  # once per call, before the denoiser
+                layouts = [TokenLayout.from_mask(row, bos=bos) for row in rows]
         self._calls += 1
         self.call = Call(
             index=self._calls,

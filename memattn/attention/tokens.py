@@ -148,6 +148,20 @@ class TokenLayout:
             )
         return cls(eos_index=n_tokens - 1, context_length=context_length)
 
+    @classmethod
+    def from_mask(cls, attention_mask: Sequence[int], *, bos: bool) -> TokenLayout:
+        """Layout of a prompt given as embeddings with its attention mask (PixArt's
+        ``prompt_attention_mask``): the last attended position is the EOS."""
+        attended = _attended(attention_mask, len(attention_mask))
+        if attended == 0:
+            raise LayoutError("a prompt_attention_mask row attends to no position; it needs at least the EOS")
+        return cls(
+            eos_index=attended - 1,
+            context_length=len(attention_mask),
+            bos_index=0 if bos else None,
+            attended=attended,
+        )
+
     def merged(self, other: TokenLayout) -> TokenLayout:
         """One layout for encoders that share positions (SDXL): summary from the earliest EOS.
 
