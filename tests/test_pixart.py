@@ -6,6 +6,8 @@ T5 conventions (docs/models.md): no BOS, words, ``</s>``, ``<pad>`` up to the pi
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -405,3 +407,25 @@ def test_probe_adds_no_host_synchronisation(alpha):
         call()
     assert traced.count == plain.count
     assert tr.record.n_steps == 3
+
+
+def test_the_cli_detects_on_a_saved_pixart_and_refuses_the_bos_edit(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from memattn.cli import app
+
+    model = tmp_path / "sigma"
+    tiny_pixart_pipeline("sigma", seed=7).save_pretrained(model)
+    args = ["detect", "A dog on Mars", "a red cube", "--model", str(model), "--steps", "3", "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [row["n_tokens"] for row in rows] == [5, 4]  # words + </s>, no BOS
+    assert all(np.isfinite(row["score_d"]) and np.isfinite(row["score_e"]) for row in rows)
+    refused = CliRunner().invoke(
+        app, ["generate", "a dog", "--model", str(model), "--method", "ren2024", "--steps", "2"]
+    )
+    assert isinstance(refused.exception, LayoutError)  # the CLI's run_cli prints it as one line, exit 2
+    assert re.match(r"PixArtSigmaPipeline " + NO_BOS, str(refused.exception))
