@@ -429,3 +429,29 @@ def test_the_cli_detects_on_a_saved_pixart_and_refuses_the_bos_edit(tmp_path):
     )
     assert isinstance(refused.exception, LayoutError)  # the CLI's run_cli prints it as one line, exit 2
     assert re.match(r"PixArtSigmaPipeline " + NO_BOS, str(refused.exception))
+
+
+def test_the_guard_keeps_a_users_step_callback_on_pixart(alpha):
+    seen = []
+    guard = memattn.Guard(alpha, threshold=1e9, mitigation={"c": 1.0, "mask_eos": True})
+    out = guard(
+        PROMPTS[:1],
+        num_inference_steps=3,
+        generator=generators([0]),
+        output_type="np",
+        callback=lambda step, timestep, latents: seen.append((step, tuple(latents.shape))),
+        callback_steps=2,
+    )
+    assert [step for step, _ in seen] == [0, 2] and seen[0][1] == (1, 4, 32, 32)
+    assert not out.verdicts[0].flagged
+
+
+def test_bf16_pixart_records_float32_with_the_mask_applied():
+    pipe = tiny_pixart_pipeline("alpha", seed=8).to(dtype=torch.bfloat16)
+    record, _ = run(pipe, PROMPTS[:2], [0, 1], steps=2)
+    assert record.attention.dtype == torch.float32 and torch.isfinite(record.attention).all()
+    for image, layout in enumerate(record.layouts):
+        rows = record.attention[:, :, image]
+        assert (rows[..., layout.attended :] == 0).all()
+        torch.testing.assert_close(rows.sum(-1), torch.ones_like(rows.sum(-1)), atol=1e-4, rtol=0)
+    assert torch.isfinite(memattn.score_d(record)).all()
