@@ -108,15 +108,16 @@ def _text_encoder(pad_id: int, hidden: int = 32, projection: bool = False):
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
 
 
-def _vae():
+def _vae(blocks: int = 2):
+    """Tiny KL VAE; ``blocks`` sets the scale factor (2 blocks: 2×, 4 blocks: 8× as in the real ones)."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        block_out_channels=[8, 16],
+        block_out_channels=[8, 16] + [16] * (blocks - 2),
         in_channels=3,
         out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2,
+        down_block_types=["DownEncoderBlock2D"] * blocks,
+        up_block_types=["UpDecoderBlock2D"] * blocks,
         latent_channels=4,
         norm_num_groups=8,
         layers_per_block=1,
@@ -246,3 +247,117 @@ def _sharpen_cross_attention(unet: torch.nn.Module, gain: float) -> None:
         if name.endswith("attn2"):
             module.to_q.weight.mul_(gain)
             module.to_k.weight.mul_(gain)
+
+
+# ---- PixArt-α / PixArt-Σ: a DiT denoiser reading T5 text through attn2 ---------------------------
+
+PixArtKind = Literal["alpha", "sigma"]
+T5_SPECIALS = ("<pad>", "</s>", "<unk>")  # T5's ids 0, 1, 2: pad, EOS, unknown; no BOS
+T5_WORDS = (
+    "a an the of on in with and at to by from photo painting portrait picture image drawing close up "
+    "dog cat horse astronaut man woman child bird car house tree river mountain city street beach sky "
+    "red blue green yellow black white golden small large old young happy sad riding standing sitting "
+    "running mars moon space forest night sunset morning winter summer oil canvas style art digital "
+    "hippo mothers influence her young cube floor wow famous actor wearing hat dress"
+).split()
+PUNCTUATION = tuple(".,!?:;'\"-()")
+
+
+@lru_cache(maxsize=1)
+def t5_tokenizer():
+    """A T5-convention tokenizer built in code: ``<pad>`` 0, ``</s>`` 1 appended, ``<unk>`` 2, no BOS.
+
+    Word-level over a small English vocabulary (unknown words become ``<unk>``), so every prompt has
+    as many tokens as words and punctuation marks: enough to check layouts, masks and batch order.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate((*T5_SPECIALS, *T5_WORDS, *PUNCTUATION))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()]
+    )
+    backend.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", vocab["</s>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=512,  # T5's, as in the real tokenizer: the pipeline sets the encoded length
+        padding_side="right",
+    )
+
+
+def _t5_encoder(vocab_size: int, d_model: int = 32):
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_ff=37,
+        d_kv=8,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    return T5EncoderModel(config).eval()
+
+
+def tiny_pixart_pipeline(kind: PixArtKind = "alpha", *, seed: int = 0, attention_gain: float = 4.0):
+    """A PixArt-α (``alpha``) or PixArt-Σ (``sigma``) pipeline with random weights, from configs.
+
+    The real classes: ``PixArtTransformer2DModel`` (2 blocks, 2 heads of 8, patch 2, learned sigma),
+    a 2-layer ``T5EncoderModel``, a tiny 8× VAE and :func:`t5_tokenizer`. Latents are 32×32 (256 px):
+    PixArt's smallest resolution bin, so the pipeline runs with its default ``use_resolution_binning``.
+    α uses DDIM, Σ the DPM-Solver++ multistep scheduler (PixArt's default). ``attention_gain``
+    sharpens the attn2 query/key weights as for the SD pipelines.
+    """
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        PixArtAlphaPipeline,
+        PixArtSigmaPipeline,
+        PixArtTransformer2DModel,
+    )
+
+    if kind not in ("alpha", "sigma"):
+        raise MemattnError(f"unknown tiny PixArt kind {kind!r}; choose alpha or sigma")
+    torch.manual_seed(seed)
+    tokenizer = t5_tokenizer()
+    transformer = PixArtTransformer2DModel(
+        sample_size=32,
+        num_layers=2,
+        patch_size=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        in_channels=4,
+        out_channels=8,
+        cross_attention_dim=16,
+        caption_channels=32,
+        attention_bias=True,
+        activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+    ).eval()
+    components = dict(
+        tokenizer=tokenizer,
+        text_encoder=_t5_encoder(len(tokenizer)),
+        vae=_vae(blocks=4),
+        transformer=transformer,
+    )
+    if kind == "alpha":
+        pipe = PixArtAlphaPipeline(scheduler=DDIMScheduler(), **components)
+    else:
+        pipe = PixArtSigmaPipeline(scheduler=DPMSolverMultistepScheduler(), **components)
+    _sharpen_cross_attention(pipe.transformer, attention_gain)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -32,6 +32,18 @@ from memattn.errors import LayoutError, MemattnError
 PAPER_C = 1.25  # Ren et al.'s BOS logit factor: the one place it is written
 
 
+MASK_EOS_INSTEAD = "memattn.mitigate(pipe, c=1.0, mask_padding=True, mask_eos=True)"
+
+
+def no_bos_message(c: float, owner: str = "this model", alternative: str = MASK_EOS_INSTEAD) -> str:
+    """The one line for a BOS edit asked of a model whose tokenizer adds no BOS (T5: PixArt)."""
+    return (
+        f"{owner} has no BOS token (its T5 tokenizer starts with the first prompt word), so there is no "
+        f"BOS logit to multiply by c={c:g}; use {alternative} to mask the EOS instead (the pipeline "
+        "already masks the padding)"
+    )
+
+
 @dataclass(frozen=True)
 class AttentionEdit:
     """What to change in the logits, and where (``at_steps``: 0-based UNet calls of one pipeline call)."""
@@ -100,6 +112,14 @@ class AttentionEdit:
                 "mitigation needs each prompt's token layout: pass prompts to the pipeline, or give "
                 "memattn.mitigate(..., lengths=[...]) when calling it with prompt_embeds"
             )
+        if any(layout.context_length != n_tokens for layout in layouts):
+            raise LayoutError(
+                f"the layer attends to {n_tokens} text tokens but the token layouts have "
+                f"{layouts[0].context_length} positions; describe the prompts with layouts of the length "
+                "the pipeline encodes"
+            )
+        if self.c != 1.0 and not all(layout.has_bos for layout in layouts):
+            raise LayoutError(no_bos_message(self.c))
         rows = None if rows_mask is None else rows_mask.to(key.device)
         if self.c != 1.0:  # one copy of the key (the layer's own stays untouched), then C on BOS in place
             key = key.clone()
@@ -111,8 +131,11 @@ class AttentionEdit:
         if not (self.mask_padding or self.mask_prompt or self.prompt_penalty):
             return key, None
         eos = tuple(layout.eos_index for layout in layouts)
+        starts = tuple(layout.first_word for layout in layouts)
+        if self.mask_eos or self.mask_prompt:
+            _check_something_visible(layouts, self.mask_eos, self.mask_prompt)
         hidden, prompt_words = _token_masks(
-            eos, n_tokens, self.mask_padding, self.mask_eos, self.mask_prompt, key.device
+            eos, starts, n_tokens, self.mask_padding, self.mask_eos, self.mask_prompt, key.device
         )
         if rows is not None:
             hidden, prompt_words = hidden & rows[:, None], prompt_words & rows[:, None]
@@ -129,9 +152,22 @@ class AttentionEdit:
         return key, bias
 
 
+def _check_something_visible(layouts: Sequence[TokenLayout], mask_eos: bool, mask_prompt: bool) -> None:
+    """Without a BOS, an empty prompt is only its EOS: hiding it would leave a row with no key at all
+    (softmax over nothing is NaN). ``mask_eos`` implies ``mask_padding``, so padding never saves it."""
+    for row, layout in enumerate(layouts):
+        words = 0 if mask_prompt else len(layout.prompt_span)
+        if not layout.has_bos and mask_eos and words == 0:
+            raise LayoutError(
+                f"conditional row {row} would attend to no text token: it has no BOS, no visible prompt "
+                "word and its EOS is masked; leave mask_eos (or mask_prompt) off for it"
+            )
+
+
 @functools.lru_cache(maxsize=256)
 def _token_masks(
     eos: tuple[int, ...],
+    starts: tuple[int, ...],
     n_tokens: int,
     mask_padding: bool,
     mask_eos: bool,
@@ -142,7 +178,7 @@ def _token_masks(
     device, not per layer call (no host-to-device copy inside the UNet on a GPU)."""
     position = torch.arange(n_tokens)[None, :]
     eos_index = torch.tensor(eos)[:, None]
-    prompt_words = (position >= 1) & (position < eos_index)
+    prompt_words = (position >= torch.tensor(starts)[:, None]) & (position < eos_index)
     hidden = torch.zeros(len(eos), n_tokens, dtype=torch.bool)
     if mask_padding:
         hidden |= position >= eos_index + (0 if mask_eos else 1)

@@ -20,6 +20,8 @@ from diffusers.models.attention_processor import Attention
 from memattn.errors import RecordError, UnsupportedModelError
 
 LayerName = int | str
+# Transformer denoisers whose attn2 layers and text conventions memattn reads (docs/models.md)
+SUPPORTED_TRANSFORMERS = frozenset({"PixArtTransformer2DModel"})
 
 
 def parse_layer(text: str) -> LayerName:
@@ -78,8 +80,8 @@ def find_denoiser(target: Any) -> tuple[Any | None, torch.nn.Module]:
         if isinstance(module, torch.nn.Module):
             return target, module
     raise UnsupportedModelError(
-        f"{type(target).__name__} is neither a diffusers pipeline with a `unet` nor a UNet2DConditionModel; "
-        "memattn.trace needs one of those"
+        f"{type(target).__name__} is neither a diffusers pipeline with a `unet` or `transformer` nor a "
+        "denoiser module; memattn.trace needs one of those"
     )
 
 
@@ -94,15 +96,15 @@ def cross_attention_layers(model: torch.nn.Module) -> list[tuple[str, Attention]
         and module.added_kv_proj_dim is None
     ]
     kind = type(model).__name__
-    if layers and "Transformer" in kind:
-        # PixArt-α/Σ, Sana: real attn2 layers, but T5/Gemma text (no BOS; padding hidden by an attention
-        # mask; a sequence length the pipeline sets): CLIP token layouts would misalign silently.
+    if layers and "Transformer" in kind and kind not in SUPPORTED_TRANSFORMERS:
+        # Sana (Gemma text) and other DiTs with attn2: their text conventions (BOS, mask, length) are not
+        # described yet, and a wrong layout would misalign records and edits silently.
         raise UnsupportedModelError(
-            f"{kind} has text cross-attention (attn2), but to T5- or Gemma-encoded text: no BOS token, "
-            "padding hidden by an attention mask and a sequence length set by the pipeline, not the "
-            "tokenizer; memattn's token layouts are CLIP's, so its records, D/E and the BOS edit would "
-            "be silently wrong there. memattn supports UNet2DConditionModel pipelines (SD1.x, SD2.x, "
-            "SDXL); PixArt and Sana are not supported yet"
+            f"{kind} has text cross-attention (attn2), but to text whose conventions memattn does not "
+            "describe yet (no BOS token, padding hidden by an attention mask, a length set by the "
+            "pipeline); its records, D/E and the BOS edit would be silently wrong. memattn supports "
+            "UNet2DConditionModel pipelines (SD1.x, SD2.x, SDXL) and PixArt-α/Σ; this model is not "
+            "supported yet"
         )
     if layers:
         return sorted(layers, key=lambda item: forward_order_key(item[0]))
@@ -121,5 +123,5 @@ def cross_attention_layers(model: torch.nn.Module) -> list[tuple[str, Attention]
         why = "it has no text conditioning at all (e.g. an unconditional UNet2DModel)"
     raise UnsupportedModelError(
         f"{kind} has no text cross-attention layers (attn2): {why}; memattn supports "
-        "UNet2DConditionModel pipelines (SD1.x, SD2.x, SDXL)"
+        "UNet2DConditionModel pipelines (SD1.x, SD2.x, SDXL) and PixArt-α/Σ"
     )

@@ -35,6 +35,7 @@ class _Segment:
     timesteps: list[Any] = field(default_factory=list)
     maps: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     map_sizes: dict[int, tuple[int, int]] = field(default_factory=dict)
+    text_mask: torch.Tensor | None = None  # the denoiser's own mask on the recorded rows (first step)
     record: AttentionRecord | None = None
 
 
@@ -78,6 +79,7 @@ class Recorder(Listener):
                     uncond_layouts=call.uncond_layouts if uncond else None,
                     images_per_prompt=call.images_per_prompt,
                     n_images=call.n_images or 0,
+                    text_mask=_rows(session.text_mask, session.cond_rows),
                 )
             )
         segment = self.segments[-1]
@@ -106,6 +108,12 @@ class Recorder(Listener):
         if not self.segments or not self.segments[-1].steps:
             return
         segment = self.segments[-1]
+        if segment.layouts and segment.layouts[0].context_length != key.shape[-2]:
+            raise LayoutError(
+                f"the layer attends to {key.shape[-2]} text tokens but the token layouts have "
+                f"{segment.layouts[0].context_length} positions; describe the prompts with layouts of the "
+                "length the pipeline encodes (e.g. max_sequence_length)"
+            )
         rows = self._observed
         query = query[rows].float() * query.shape[-1] ** -0.5  # scale the (L, d) side, not (L, 77)
         logits = query @ key[rows].float().transpose(-1, -2)
@@ -142,6 +150,8 @@ class Recorder(Listener):
                     f"{len(layouts)} token layouts for {n_images} conditional rows; pass one length or "
                     "layout per image"
                 )
+            if layouts is not None:
+                check_mask(layouts, segment.text_mask)
             segment.record = AttentionRecord(
                 attention=self._stack(segment.steps, n_images),
                 layer_names=self.layer_names,
@@ -177,6 +187,44 @@ class Recorder(Listener):
                     layers.append(layer)
             stacked.append(torch.stack(layers))
         return torch.stack(stacked).float().cpu()
+
+
+def _rows(mask: Any, rows: slice) -> torch.Tensor | None:
+    if not isinstance(mask, torch.Tensor) or mask.ndim not in (2, 3):
+        return None
+    return mask[rows].detach()
+
+
+def check_mask(layouts: Sequence[TokenLayout], mask: torch.Tensor | None) -> None:
+    """The layouts' ``attended`` positions are exactly the ones the denoiser's own mask let through.
+
+    ``mask`` is the ``encoder_attention_mask`` of the first denoiser call, on the recorded rows:
+    ``(rows, tokens)`` with 1 = keep, or an additive ``(rows, 1, tokens)`` bias (0 = keep).
+    """
+    if mask is None:
+        masked = [i for i, layout in enumerate(layouts) if layout.attended is not None]
+        if masked:
+            raise LayoutError(
+                f"the layouts of images {masked} say the padding is masked, but the denoiser got no "
+                "encoder_attention_mask; pass the pipeline's prompt_attention_mask, or layouts without it"
+            )
+        return
+    visible = (mask > 0.5) if mask.ndim == 2 else (mask[:, 0] > -1.0)
+    visible = visible.cpu()
+    if visible.shape[0] != len(layouts) or visible.shape[-1] != layouts[0].context_length:
+        raise LayoutError(
+            f"the denoiser's attention mask is {tuple(visible.shape)} but there are {len(layouts)} "
+            f"layouts of {layouts[0].context_length} positions"
+        )
+    for image, layout in enumerate(layouts):
+        expected = torch.zeros(layout.context_length, dtype=torch.bool)
+        expected[: len(layout.attendable_span)] = True
+        if not torch.equal(visible[image], expected):
+            raise LayoutError(
+                f"image {image}: the denoiser attends to {int(visible[image].sum())} text positions, its "
+                f"token layout to {len(layout.attendable_span)}; the layouts do not describe this call "
+                "(tokenize as the pipeline does: its max_sequence_length and attention mask)"
+            )
 
 
 def _spatial_size(latent_size: tuple[int, int], n_queries: int) -> tuple[int, int]:

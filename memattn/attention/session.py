@@ -33,7 +33,7 @@ import torch
 from memattn.attention.layers import cross_attention_layers, find_denoiser
 from memattn.attention.patch import Patch, call_arguments
 from memattn.attention.processor import CrossAttentionProbe
-from memattn.attention.tokens import TokenLayout, pipeline_layouts
+from memattn.attention.tokens import TokenLayout, adds_bos, encode_spec, pipeline_layouts
 from memattn.errors import LayoutError, MemattnError, RecordError
 
 
@@ -151,6 +151,7 @@ class AttentionSession:
         self.batch = 0
         self.cond_rows = slice(0, 0)
         self.latent_size: tuple[int, int] = (0, 0)
+        self.text_mask: torch.Tensor | None = None  # the denoiser call's encoder_attention_mask
         self._calls = 0
         self._users = 0
         self._descriptions: list[BatchDescription] = []
@@ -301,14 +302,15 @@ class AttentionSession:
         prompts = _as_list(arguments.get("prompt"))
         uncond: Callable[[], tuple[TokenLayout, ...] | None] | None = None
         if prompts is not None:
+            spec = encode_spec(pipeline, arguments)  # the length and mask of this very call
             layouts = pipeline_layouts(
-                self._tokenizers, prompts, _as_list(arguments.get("prompt_2"), len(prompts))
+                self._tokenizers, prompts, _as_list(arguments.get("prompt_2"), len(prompts)), spec=spec
             )
             if cfg and arguments.get("negative_prompt_embeds") is None:
                 negatives = _as_list(arguments.get("negative_prompt") or "", len(prompts))
 
                 def uncond() -> tuple[TokenLayout, ...]:
-                    return _repeat(pipeline_layouts(self._tokenizers, negatives), per_prompt)
+                    return _repeat(pipeline_layouts(self._tokenizers, negatives, spec=spec), per_prompt)
         else:
             embeds = arguments.get("prompt_embeds")
             count = int(embeds.shape[0]) if isinstance(embeds, torch.Tensor) else None
@@ -318,6 +320,11 @@ class AttentionSession:
                 if count is not None and len(lengths) != count:
                     raise LayoutError(f"{len(lengths)} lengths given for {count} prompt embeddings")
                 layouts = [TokenLayout.from_length(n) for n in lengths]
+            elif isinstance(arguments.get("prompt_attention_mask"), torch.Tensor) and self._tokenizers:
+                # PixArt with prompt_embeds: the mask says which positions are words + EOS
+                bos = adds_bos(self._tokenizers[0])
+                rows = arguments["prompt_attention_mask"].tolist()  # once per call, before the denoiser
+                layouts = [TokenLayout.from_mask(row, bos=bos) for row in rows]
         self._calls += 1
         self.call = Call(
             index=self._calls,
@@ -333,10 +340,12 @@ class AttentionSession:
         assert self._forward_signature is not None
         bound = self._forward_signature.bind_partial(*args, **kwargs).arguments
         sample = bound.get("sample", bound.get("hidden_states"))
+        # PixArt: the (batch, tokens) 0/1 mask (or additive bias) that hides the padding in attn2
+        self.text_mask = bound.get("encoder_attention_mask")
         self.begin_step(int(sample.shape[0]), bound.get("timestep"), tuple(sample.shape[-2:]))
 
     def begin_step(self, batch: int, timestep: Any, latent_size: tuple[int, int]) -> None:
-        """Called before every UNet forward: one UNet call is one step of the current call."""
+        """Called before every denoiser forward (UNet or PixArt transformer): one call is one step."""
         if self.call is None:
             description = self.description
             self._calls += 1

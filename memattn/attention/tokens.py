@@ -2,11 +2,21 @@
 
 Positions are found from the first EOS, never from the pad id: SD2 and SDXL's second tokenizer pad
 with "!" (id 0), which a literal "!" in the prompt also produces.
+
+Two text conventions are described by one :class:`TokenLayout` (docs/models.md):
+
+- **CLIP** (SD1/SD2/SDXL): BOS at 0, prompt words, EOS, padding to 77; the denoiser attends to every
+  position (no attention mask), so the padding is attendable and counts as summary tokens.
+- **T5** (PixArt-α/Σ): no BOS (position 0 is the first word), prompt words, ``</s>``, ``<pad>`` up to
+  the length the *pipeline* encodes (``max_sequence_length``: 120 for α, 300 for Σ; never
+  ``tokenizer.model_max_length``), and the pipeline hands the tokenizer's attention mask to the
+  denoiser, so only the words and EOS are attendable (``attended = eos_index + 1``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,29 +31,51 @@ class TokenLayout:
 
     ``eos_index`` is the first EOS; the official code's prompt length ``len`` is ``eos_index + 1``.
     Summary tokens are the first EOS and everything after it; padding is everything after it.
+    ``bos_index`` is ``None`` for tokenizers that add no BOS (T5): the prompt then starts at 0.
+    ``attended`` is how many leading positions the denoiser's own attention mask lets through
+    (``None``: all of them, as in CLIP pipelines, which pass no mask).
     """
 
     eos_index: int
     context_length: int = CONTEXT_LENGTH
-    bos_index: int = 0
+    bos_index: int | None = 0
     truncated: bool = False
     tokens: tuple[str, ...] | None = None
+    attended: int | None = None
 
     def __post_init__(self) -> None:
-        if not 0 < self.eos_index < self.context_length:
+        if self.bos_index is not None and self.bos_index != 0:
+            raise LayoutError(f"BOS sits at position 0 or nowhere (None), not at {self.bos_index}")
+        first = self.first_word
+        if not first <= self.eos_index < self.context_length:
+            needs = "BOS and EOS" if self.has_bos else "EOS"
             raise LayoutError(
-                f"EOS index {self.eos_index} is outside 1..{self.context_length - 1}; a prompt needs at "
-                "least BOS and EOS inside the context window"
+                f"EOS index {self.eos_index} is outside {first}..{self.context_length - 1}; a prompt needs "
+                f"at least {needs} inside the context window"
+            )
+        if self.attended is not None and not self.eos_index < self.attended <= self.context_length:
+            raise LayoutError(
+                f"{self.attended} attended positions must cover the EOS ({self.eos_index}) and lie within "
+                f"the context ({self.context_length})"
             )
 
     @property
+    def has_bos(self) -> bool:
+        return self.bos_index is not None
+
+    @property
+    def first_word(self) -> int:
+        """Position of the first prompt word: 1 after a BOS, 0 without one."""
+        return 0 if self.bos_index is None else self.bos_index + 1
+
+    @property
     def n_tokens(self) -> int:
-        """Tokens of the unpadded prompt including BOS and EOS (the official code's ``len``)."""
+        """Tokens of the unpadded prompt including BOS (if any) and EOS (the official code's ``len``)."""
         return self.eos_index + 1
 
     @property
     def prompt_span(self) -> range:
-        return range(self.bos_index + 1, self.eos_index)
+        return range(self.first_word, self.eos_index)
 
     @property
     def summary_span(self) -> range:
@@ -52,6 +84,16 @@ class TokenLayout:
     @property
     def padding_span(self) -> range:
         return range(self.eos_index + 1, self.context_length)
+
+    @property
+    def attendable_span(self) -> range:
+        """Positions the denoiser can attend to (its own mask hides the rest)."""
+        return range(self.context_length if self.attended is None else self.attended)
+
+    @property
+    def padding_masked(self) -> bool:
+        """The denoiser's own attention mask hides the padding (T5 pipelines)."""
+        return self.attended is not None and self.attended <= self.eos_index + 1
 
     def token(self, position: int) -> str:
         """Readable token at a position (BPE end-of-word marker removed)."""
@@ -67,17 +109,31 @@ class TokenLayout:
         *,
         truncated: bool = False,
         tokens: Sequence[str] | None = None,
+        bos: bool = True,
+        attention_mask: Sequence[int] | None = None,
     ) -> TokenLayout:
-        """Layout from padded ids: the first EOS after BOS (position ≥ 1) marks the summary tokens."""
+        """Layout from padded ids: the first EOS after BOS (position ≥ 1) marks the summary tokens.
+
+        ``bos=False`` (T5): the first EOS at any position. ``attention_mask``: the tokenizer's mask
+        that the pipeline hands to the denoiser (right-padded: ones, then zeros), setting ``attended``.
+        """
         ids = [int(i) for i in ids]
-        for position in range(1, len(ids)):
+        start = 1 if bos else 0
+        for position in range(start, len(ids)):
             if ids[position] == eos_id:
                 return cls(
                     eos_index=position,
                     context_length=len(ids),
+                    bos_index=0 if bos else None,
                     truncated=truncated,
                     tokens=tuple(tokens) if tokens is not None else None,
+                    attended=None if attention_mask is None else _attended(attention_mask, len(ids)),
                 )
+        if not bos:
+            raise LayoutError(
+                f"no EOS (id {eos_id}) in {len(ids)} ids; tokenize with add_special_tokens=True and "
+                "truncation=True as the pipeline does, so EOS is added"
+            )
         raise LayoutError(
             f"no EOS (id {eos_id}) after position 0 in {len(ids)} ids; tokenize with the pipeline's "
             "tokenizer (padding='max_length', truncation=True) so BOS and EOS are added"
@@ -92,6 +148,20 @@ class TokenLayout:
             )
         return cls(eos_index=n_tokens - 1, context_length=context_length)
 
+    @classmethod
+    def from_mask(cls, attention_mask: Sequence[int], *, bos: bool) -> TokenLayout:
+        """Layout of a prompt given as embeddings with its attention mask (PixArt's
+        ``prompt_attention_mask``): the last attended position is the EOS."""
+        attended = _attended(attention_mask, len(attention_mask))
+        if attended == 0:
+            raise LayoutError("a prompt_attention_mask row attends to no position; it needs at least the EOS")
+        return cls(
+            eos_index=attended - 1,
+            context_length=len(attention_mask),
+            bos_index=0 if bos else None,
+            attended=attended,
+        )
+
     def merged(self, other: TokenLayout) -> TokenLayout:
         """One layout for encoders that share positions (SDXL): summary from the earliest EOS.
 
@@ -102,6 +172,10 @@ class TokenLayout:
             raise LayoutError(
                 f"encoders disagree on context length ({self.context_length} vs {other.context_length})"
             )
+        if other.bos_index != self.bos_index or other.attended is not None or self.attended is not None:
+            raise LayoutError(
+                "only CLIP layouts (BOS at 0, no attention mask) share positions across encoders"
+            )
         first = self if self.eos_index <= other.eos_index else other
         return TokenLayout(
             eos_index=first.eos_index,
@@ -111,32 +185,111 @@ class TokenLayout:
         )
 
 
-def tokenize_layouts(tokenizer: Any, prompts: Sequence[str]) -> list[TokenLayout]:
-    """Layouts exactly as a diffusers pipeline tokenizes: pad to max length, truncate."""
+def _attended(mask: Sequence[int], length: int) -> int:
+    """Leading ones of a right-padded attention mask; any other shape is refused."""
+    values = [int(v) for v in mask]
+    count = sum(values)
+    if len(values) != length or values != [1] * count + [0] * (length - count):
+        raise LayoutError(
+            "the tokenizer's attention mask is not ones followed by zeros; memattn reads right-padded "
+            "prompts only (set tokenizer.padding_side='right')"
+        )
+    return count
+
+
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` puts a BOS token first (CLIP does, T5 does not)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
+@dataclass(frozen=True)
+class EncodeSpec:
+    """How a pipeline's ``encode_prompt`` call tokenizes, read from the call's own arguments.
+
+    ``max_length``: the ``max_sequence_length`` argument (or the signature's default) where the
+    pipeline has one (PixArt, …), else ``None``: the tokenizer's ``model_max_length`` (CLIP, 77).
+    ``masked``: the pipeline hands the tokenizer's attention mask to the denoiser (its
+    ``encode_prompt`` takes a ``prompt_attention_mask``). ``preprocess``: the pipeline's own text
+    preprocessing (PixArt lowercases, or cleans captions), applied before tokenizing.
+    """
+
+    max_length: int | None = None
+    masked: bool = False
+    preprocess: Callable[[list[str]], list[str]] | None = None
+
+    def prepare(self, prompts: Sequence[str]) -> list[str]:
+        return list(prompts) if self.preprocess is None else list(self.preprocess(list(prompts)))
+
+
+def encode_spec(pipeline: Any, arguments: dict[str, Any]) -> EncodeSpec:
+    """The :class:`EncodeSpec` of one ``encode_prompt`` call (arguments bound with defaults)."""
+    length = arguments.get("max_sequence_length")
+    if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 1):
+        raise LayoutError(f"max_sequence_length must be a positive integer, got {length!r}")
+    preprocess = None
+    if callable(getattr(pipeline, "_text_preprocessing", None)):
+        clean = bool(arguments.get("clean_caption", False))
+
+        def preprocess(prompts: list[str]) -> list[str]:
+            # the pipeline warns itself when clean_caption lacks bs4/ftfy; do not repeat it
+            logger = logging.getLogger(type(pipeline).__module__)
+            level = logger.level
+            logger.setLevel(logging.ERROR)
+            try:
+                return pipeline._text_preprocessing(prompts, clean_caption=clean)
+            finally:
+                logger.setLevel(level)
+
+    return EncodeSpec(max_length=length, masked="prompt_attention_mask" in arguments, preprocess=preprocess)
+
+
+def tokenize_layouts(
+    tokenizer: Any, prompts: Sequence[str], *, max_length: int | None = None, masked: bool = False
+) -> list[TokenLayout]:
+    """Layouts exactly as a diffusers pipeline tokenizes: pad to max length, truncate.
+
+    ``max_length`` is the length the pipeline encodes (``None``: ``tokenizer.model_max_length``, as
+    CLIP pipelines do); ``masked`` records the tokenizer's attention mask as ``attended``. BOS is
+    where the tokenizer puts it: a layout has one only if every prompt starts with ``bos_token_id``.
+    """
     if not prompts:
         return []
-    max_length = int(tokenizer.model_max_length)
-    if max_length > 4096:
-        raise LayoutError(
-            f"tokenizer.model_max_length is {max_length}; set it to the text encoder's context (77 for CLIP)"
-        )
-    padded = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True)
+    if max_length is None:
+        max_length = int(tokenizer.model_max_length)
+        if max_length > 4096:
+            raise LayoutError(
+                f"tokenizer.model_max_length is {max_length}; set it to the text encoder's context "
+                "(77 for CLIP)"
+            )
+    padded = tokenizer(
+        list(prompts), padding="max_length", max_length=max_length, truncation=True, add_special_tokens=True
+    )
     untruncated = tokenizer(list(prompts), padding=False, truncation=False)
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    bos = bos_id is not None and all(ids[:1] == [bos_id] for ids in padded["input_ids"])
+    masks = padded["attention_mask"] if masked else [None] * len(padded["input_ids"])
     layouts = []
-    for ids, raw in zip(padded["input_ids"], untruncated["input_ids"], strict=True):
+    for ids, raw, mask in zip(padded["input_ids"], untruncated["input_ids"], masks, strict=True):
         layouts.append(
             TokenLayout.from_ids(
                 ids,
                 tokenizer.eos_token_id,
                 truncated=len(raw) > max_length,
                 tokens=tokenizer.convert_ids_to_tokens(list(ids)),
+                bos=bos,
+                attention_mask=mask,
             )
         )
     return layouts
 
 
 def pipeline_layouts(
-    tokenizers: Sequence[Any], prompts: Sequence[str], prompts_2: Sequence[str] | None = None
+    tokenizers: Sequence[Any],
+    prompts: Sequence[str],
+    prompts_2: Sequence[str] | None = None,
+    *,
+    spec: EncodeSpec | None = None,
 ) -> list[TokenLayout]:
     """Layouts for a pipeline's tokenizer(s); SDXL's second tokenizer may get its own prompts."""
     if not tokenizers:
@@ -145,8 +298,12 @@ def pipeline_layouts(
         raise LayoutError(
             f"{len(prompts_2)} prompt_2 entries for {len(prompts)} prompts; give one per prompt"
         )
-    layouts = tokenize_layouts(tokenizers[0], prompts)
+    spec = spec or EncodeSpec()
+    options = dict(max_length=spec.max_length, masked=spec.masked)
+    layouts = tokenize_layouts(tokenizers[0], spec.prepare(prompts), **options)
     for tokenizer in tokenizers[1:]:
-        other = tokenize_layouts(tokenizer, prompts_2 if prompts_2 is not None else prompts)
+        other = tokenize_layouts(
+            tokenizer, spec.prepare(prompts_2 if prompts_2 is not None else prompts), **options
+        )
         layouts = [a.merged(b) for a, b in zip(layouts, other, strict=True)]
     return layouts

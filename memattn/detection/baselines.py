@@ -20,7 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from memattn.attention.layers import find_denoiser
 from memattn.attention.record import AttentionRecord
+from memattn.attention.session import AttentionSession
 from memattn.detection import scores
 from memattn.errors import MemattnError, RecordError
 
@@ -44,9 +46,19 @@ class NoiseDifference:
         self.norms: list[torch.Tensor] = []  # per call: [image]
         self.differences: list[torch.Tensor] = []  # per call: [image, C, H, W] (keep="full")
         self._handle: Any = None
+        self._noise_channels: int | None = None
 
     def __enter__(self) -> NoiseDifference:
-        self._handle = self.pipe.unet.register_forward_hook(self._hook, with_kwargs=True)
+        _, denoiser = find_denoiser(self.pipe)
+        # learned-sigma denoisers (PixArt: 2× the latent channels) predict noise in the first half only,
+        # as their pipelines read it
+        config = getattr(denoiser, "config", None)
+        in_channels, out_channels = (
+            getattr(config, "in_channels", None),
+            getattr(config, "out_channels", None),
+        )
+        self._noise_channels = in_channels if in_channels and out_channels == 2 * in_channels else None
+        self._handle = denoiser.register_forward_hook(self._hook, with_kwargs=True)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -55,12 +67,14 @@ class NoiseDifference:
     def _hook(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if self.max_calls is not None and len(self.norms) >= self.max_calls:
             return
-        if not getattr(self.pipe, "do_classifier_free_guidance", False):
+        if not _uses_cfg(self.pipe):
             raise MemattnError(
                 "Wen's and bright-ending scores need classifier-free guidance (guidance_scale > 1): they "
                 "compare the conditional and unconditional noise predictions"
             )
         sample = output[0] if isinstance(output, tuple) else output.sample
+        if self._noise_channels is not None:
+            sample = sample[:, : self._noise_channels]
         uncond, cond = sample.detach().float().chunk(2)
         difference = cond - uncond
         self.norms.append(difference.flatten(1).norm(dim=1))
@@ -78,6 +92,15 @@ class NoiseDifference:
     def reset(self) -> None:
         self.norms.clear()
         self.differences.clear()
+
+
+def _uses_cfg(pipe: Any) -> bool:
+    """The pipeline's CFG flag; PixArt keeps it local, so there it is the attention session's word."""
+    flag = getattr(pipe, "do_classifier_free_guidance", None)
+    if flag is not None:
+        return bool(flag)
+    session = AttentionSession.active(pipe)
+    return bool(session is not None and session.call is not None and session.call.cfg)
 
 
 def end_token_map(record: AttentionRecord, layers: Sequence[int] = BE_LAYERS, step: int = -1) -> torch.Tensor:
@@ -133,11 +156,9 @@ STEP1_ATTENTION_FEATURES = ("bos_share", "summary_share")
 
 def step1_features(record: AttentionRecord, wen_norm: np.ndarray | None) -> tuple[np.ndarray, list[str]]:
     """``[image, feature]`` at the first step: E per layer, BOS and summary shares, Wen's norm."""
-    layouts = record.require_layouts()
     per_layer = scores.layer_entropy_curves(record)[0].T.numpy()  # [image, layer]
-    mean = scores.mean_attention(record)[0]  # [image, token]
-    bos = mean[:, 0].numpy()
-    summary = np.array([float(mean[i, layout.eos_index :].sum()) for i, layout in enumerate(layouts)])
+    bos = scores.bos_share(record).numpy()  # refused (one line) where the tokenizer adds no BOS
+    summary = np.array([float(v) for v in scores.summary_share(record)])
     columns = [per_layer, bos[:, None], summary[:, None]]
     names = [f"e_layer{i}" for i in range(per_layer.shape[1])] + list(STEP1_ATTENTION_FEATURES)
     if wen_norm is not None:

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from memattn.attention.trace import trace
 from memattn.detection import scores
-from memattn.detection.step1 import Step1, score_step1
+from memattn.detection.step1 import Step1, score_step1, step_end_kwargs
 from memattn.errors import MemattnError
 from memattn.quiet import pipeline_bar_off
 
@@ -98,7 +98,7 @@ def detect(
                         guidance_scale=guidance_scale,
                         generator=generators,
                         output_type="latent",
-                        callback_on_step_end=on_step_end,
+                        **step_end_kwargs(pipe, on_step_end),
                     )
                 record = tr.record
             results += _detections(record, batch, seeds, which, layer)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from memattn.attention.record import AttentionRecord
-from memattn.errors import MemattnError, RecordError
+from memattn.errors import LayoutError, MemattnError, RecordError
 
 LayerSpec = Sequence[int | str] | None
 
@@ -77,6 +77,26 @@ def summary_entropy_curve(record: AttentionRecord, layers: LayerSpec = None) -> 
     p = mean_attention(record, layers).clamp_min(0.0)
     terms = -torch.special.xlogy(p, p)
     return (terms * _summary_mask(record)).sum(dim=-1)
+
+
+def bos_share(record: AttentionRecord, layers: LayerSpec = None, step: int = 0) -> torch.Tensor:
+    """``[image]`` attention share of BOS at ``step`` (the first by default); defined only with a BOS."""
+    layouts = record.require_layouts()
+    missing = [i for i, layout in enumerate(layouts) if not layout.has_bos]
+    if missing:
+        raise LayoutError(
+            f"the BOS share is not defined for images {missing}: their tokenizer (T5) adds no BOS token; "
+            "use the summary (EOS) share, score E or score D instead"
+        )
+    return mean_attention(record, layers)[step, :, 0]
+
+
+def summary_share(record: AttentionRecord, layers: LayerSpec = None, step: int = 0) -> torch.Tensor:
+    """``[image]`` attention share of the summary tokens (first EOS on; padding is 0 where masked)."""
+    layouts = record.require_layouts()
+    _summary_mask(record)  # checks that the layouts fit the record
+    mean = mean_attention(record, layers)[step]
+    return torch.stack([mean[i, layout.eos_index :].sum() for i, layout in enumerate(layouts)])
 
 
 def token_mass(

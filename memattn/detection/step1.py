@@ -14,7 +14,8 @@ means the same thing, and fails with the same message, everywhere.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -91,6 +92,44 @@ def stop_after_first_step(pipe: Any, step: int, timestep: Any, callback_kwargs: 
     return callback_kwargs
 
 
+StepEnd = Callable[[Any, int, Any, dict], dict]
+
+
+class FirstStepDone(Exception):
+    """Raised by the step callback of a pipeline that cannot be interrupted (PixArt) after step 1."""
+
+
+def step_end_kwargs(pipe: Any, callback: StepEnd) -> dict[str, Any]:
+    """Pipeline arguments that call ``callback(pipe, step, timestep, tensors)`` after every step.
+
+    Most diffusers pipelines take ``callback_on_step_end``; PixArt-α/Σ take only the older
+    ``callback(step, timestep, latents)`` (with ``callback_steps``) and swallow an unknown
+    ``callback_on_step_end`` in their ``**kwargs`` without calling it.
+    """
+    parameters = inspect.signature(type(pipe).__call__).parameters
+    if "callback_on_step_end" in parameters:
+        return {"callback_on_step_end": callback}
+    if "callback" in parameters:
+
+        def legacy(step: int, timestep: Any, latents: torch.Tensor) -> None:
+            callback(pipe, step, timestep, {"latents": latents})
+
+        return {"callback": legacy, "callback_steps": 1}
+    raise MemattnError(
+        f"{type(pipe).__name__} takes no step callback (callback_on_step_end or callback); memattn cannot "
+        "act after its first step"
+    )
+
+
+def interruptible(pipe: Any) -> bool:
+    """Whether ``pipe`` stops on ``pipe._interrupt`` (pipelines with ``callback_on_step_end``)."""
+    return "callback_on_step_end" in inspect.signature(type(pipe).__call__).parameters
+
+
+def _raise_first_step_done(pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
+    raise FirstStepDone
+
+
 def score_step1(
     pipe: Any,
     prompts: Sequence[str],
@@ -118,17 +157,30 @@ def score_step1(
         raise MemattnError(f"score_step1: {len(generators)} generators for {len(prompts)} prompts")
     read_wen = guidance_scale > 1 if wen is None else wen
     noise = NoiseDifference(pipe, max_calls=1) if read_wen else None
+    stop = stop_after_first_step if interruptible(pipe) else _raise_first_step_done
     with torch.no_grad(), trace(pipe) as tr, noise or nullcontext():
-        pipe(
-            list(prompts),
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
-            generator=list(generators),
-            output_type="latent",
-            callback_on_step_end=stop_after_first_step,
-            **kwargs,
-        )
+        try:
+            pipe(
+                list(prompts),
+                num_inference_steps=steps,
+                guidance_scale=guidance_scale,
+                generator=list(generators),
+                output_type="latent",
+                **step_end_kwargs(pipe, stop),
+                **kwargs,
+            )
+        except FirstStepDone:
+            pass  # PixArt: no interrupt flag; its first step is all that is needed
     return Step1(tr.record, noise.wen(1) if noise is not None else None)
 
 
-__all__ = ["STEP1_KINDS", "Step1", "Step1Kind", "check_kind", "score_step1", "stop_after_first_step"]
+__all__ = [
+    "STEP1_KINDS",
+    "FirstStepDone",
+    "Step1",
+    "Step1Kind",
+    "check_kind",
+    "score_step1",
+    "step_end_kwargs",
+    "stop_after_first_step",
+]

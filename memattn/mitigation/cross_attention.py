@@ -12,10 +12,11 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from memattn.attention.edit import PAPER_C, AttentionEdit, EditListener, as_indices
+from memattn.attention.edit import PAPER_C, AttentionEdit, EditListener, as_indices, no_bos_message
 from memattn.attention.layers import cross_attention_layers, find_denoiser, resolve_layer
 from memattn.attention.session import AttentionSession, BatchDescription
-from memattn.errors import MemattnError
+from memattn.attention.tokens import adds_bos
+from memattn.errors import LayoutError, MemattnError
 
 
 class Mitigation:
@@ -31,7 +32,10 @@ class Mitigation:
         cfg: bool = False,
     ) -> None:
         self.target = target
-        _, model = find_denoiser(target)
+        pipeline, model = find_denoiser(target)
+        tokenizer = getattr(pipeline, "tokenizer", None)
+        if edit.c != 1.0 and tokenizer is not None and not adds_bos(tokenizer):  # T5 (PixArt)
+            raise LayoutError(no_bos_message(edit.c, type(pipeline).__name__))
         names = [name for name, _ in cross_attention_layers(model)]
         if layers is not None:  # names or indices: the one layer rule
             edit = replace(edit, layers=tuple(resolve_layer(names, layer) for layer in layers))
@@ -74,7 +78,8 @@ def mitigate(
 ) -> Mitigation:
     """Edit cross-attention as Ren et al. (ECCV 2024): ``with mitigate(pipe): pipe(...)``.
 
-    ``c`` multiplies the BOS logit of the conditional branch; ``mask_padding`` masks the tokens after the
+    ``c`` multiplies the BOS logit of the conditional branch (models without a BOS, PixArt's T5, refuse
+    ``c != 1``: docs/models.md); ``mask_padding`` masks the tokens after the
     first EOS (``mask_eos`` the EOS too); ``mask_uncond`` also masks the unconditional branch to each
     conditional prompt's length, as the official code does. ``at_steps`` (0-based UNet calls of each pipeline
     call) and ``layers`` (indices in forward order or ``attn2`` names) restrict where the edit applies.

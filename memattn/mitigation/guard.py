@@ -26,14 +26,15 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from memattn.attention.edit import PAPER_C, AttentionEdit, EditListener
+from memattn.attention.edit import PAPER_C, AttentionEdit, EditListener, no_bos_message
 from memattn.attention.layers import parse_layer
 from memattn.attention.patch import patched
 from memattn.attention.recorder import Recorder
 from memattn.attention.session import AttentionSession
+from memattn.attention.tokens import adds_bos
 from memattn.detection.baselines import NoiseDifference
-from memattn.detection.step1 import Step1, check_kind, score_step1
-from memattn.errors import MemattnError
+from memattn.detection.step1 import Step1, check_kind, score_step1, step_end_kwargs
+from memattn.errors import LayoutError, MemattnError
 from memattn.mitigation.cross_attention import Mitigation
 
 CALIBRATION_FILE = "memattn_guard.json"
@@ -128,7 +129,7 @@ def call_settings(pipe: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         value = kwargs.get(name)
         return defaults.get(name) if value is None else value
 
-    unet = getattr(pipe, "unet", None)
+    unet = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)  # the denoiser
     size = getattr(getattr(unet, "config", None), "sample_size", None)
     scale = getattr(pipe, "vae_scale_factor", None)
     default_side = int(size) * int(scale) if isinstance(size, int) and scale else None
@@ -212,6 +213,10 @@ class Guard:
         if {"steps", "at_steps"} & set(mitigation or {}):
             raise MemattnError("the guard decides the steps itself; give mitigation settings without steps")
         self.edit = AttentionEdit(**{"c": PAPER_C, **(mitigation or {})})
+        tokenizer = getattr(pipe, "tokenizer", None)
+        if self.edit.c != 1.0 and tokenizer is not None and not adds_bos(tokenizer):  # T5 (PixArt)
+            alternative = 'Guard(pipe, mitigation={"c": 1.0, "mask_eos": True})'
+            raise LayoutError(no_bos_message(self.edit.c, type(pipe).__name__, alternative))
         if threshold is None:
             path = calibration or calibration_path(pipe)
             if path is None or not Path(path).is_file():
@@ -266,6 +271,14 @@ class Guard:
         per_prompt = int(kwargs.get("num_images_per_prompt") or 1)
         row_prompts = [p for p in prompts for _ in range(per_prompt)]
         user_callback = kwargs.pop("callback_on_step_end", None)
+        if user_callback is None and kwargs.get("callback") is not None:  # PixArt's older step callback
+            legacy, steps_between = kwargs.pop("callback"), int(kwargs.pop("callback_steps", 1) or 1)
+
+            def user_callback(pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
+                if step % steps_between == 0:
+                    legacy(step, timestep, tensors["latents"])
+                return tensors
+
         state: dict[str, Any] = {}
         noise = NoiseDifference(self.pipe, max_calls=1) if self.score == "wen" else nullcontext()
         state["noise"] = noise
@@ -287,7 +300,7 @@ class Guard:
                 if self.mode == "continue" and state["flagged"].any() and not state["outer"]:
                     own_edit = EditListener(
                         self.edit,
-                        rows=torch.as_tensor(state["flagged"], device=pipe.unet.device),
+                        rows=torch.as_tensor(state["flagged"], device=session.model.device),
                         role="guard",
                     )
                     session.add(own_edit)
@@ -296,7 +309,7 @@ class Guard:
         try:
             session.add(recorder)
             with patched(self.pipe, "prepare_latents", _keeping_initial_noise(self.pipe, state)), noise:
-                output = self.pipe(prompt, callback_on_step_end=on_step_end, **kwargs)
+                output = self.pipe(prompt, **step_end_kwargs(self.pipe, on_step_end), **kwargs)
         finally:
             session.remove(recorder)
             if own_edit is not None:
