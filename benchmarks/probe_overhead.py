@@ -2,7 +2,8 @@
 
 The probe recomputes ``softmax(QKᵀ/√d)`` of every cross-attention layer for the conditional rows (SDPA
 never exposes probabilities), so it costs extra work per step. This script measures that cost end to end
-on an SD1-architecture pipeline with random weights (``memattn.testing``): full ``pipe(...)`` calls without
+on a pipeline with random weights (``memattn.testing``; ``--family``: SD1's UNet, the default, or PixArt-α/Σ's
+transformer with T5 text): full ``pipe(...)`` calls without
 and with the probe, interleaved in alternating order (ABBA...) so that drift and other load on the machine
 hit both sides alike, after one warm-up of each. It also checks that images are identical and reports the
 record's size per image.
@@ -29,7 +30,7 @@ import torch
 import memattn.attention.layers
 import memattn.attention.recorder
 import memattn.attention.trace
-from memattn.testing import tiny_pipeline
+from memattn.testing import tiny_pipeline, tiny_pixart_pipeline
 
 PROMPTS = (
     "a photo of an astronaut riding a horse on mars",
@@ -37,14 +38,24 @@ PROMPTS = (
     "a bowl of ramen, studio lighting",
     "a red fox in the snow, wildlife photography",
 )
-# SD1.x at 512 px, default 50 steps: one float32 per (step, layer, head, token) and image.
-SD1_STEPS, SD1_LAYERS, SD1_HEADS, SD1_TOKENS = 50, 16, 8, 77
+# One float32 per (step, layer, head, token) and image, at each family's real shape and default steps:
+# SD1.x 512 px (50 steps, 16 attn2 layers, 8 heads, 77 tokens); PixArt-α 512/1024 (20 steps, 28 blocks,
+# 16 heads, max_sequence_length 120) and PixArt-Σ (300 tokens); the latent size does not enter.
+REAL_SHAPES = {
+    "sd1": (50, 16, 8, 77),
+    "pixart-alpha": (20, 28, 16, 120),
+    "pixart-sigma": (20, 28, 16, 300),
+}
+FAMILIES = tuple(REAL_SHAPES)
 QUICK = dict(sample_size=16, channels=(32, 32, 64, 64), steps=2, repeats=2)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sample-size", type=int, default=56, help="latent height/width (default 56)")
+    parser.add_argument("--family", choices=FAMILIES, default="sd1", help="pipeline family (default sd1)")
+    parser.add_argument(
+        "--sample-size", type=int, default=56, help="SD1 latent height/width (default 56; PixArt: 32)"
+    )
     parser.add_argument(
         "--channels",
         type=lambda s: tuple(int(c) for c in s.split(",")),
@@ -113,11 +124,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"command: {command}")
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
 
-    pipe = tiny_pipeline("sd1", sample_size=args.sample_size, channels=args.channels)
+    if args.family == "sd1":
+        pipe = tiny_pipeline("sd1", sample_size=args.sample_size, channels=args.channels)
+    else:  # the tiny PixArt has one size (its 256-px resolution bin) and no channel option
+        pipe = tiny_pixart_pipeline(args.family.removeprefix("pixart-"))
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
-    n_layers = len(memattn.attention.layers.cross_attention_layers(pipe.unet))
+    _, denoiser = memattn.attention.layers.find_denoiser(pipe)
+    n_layers = len(memattn.attention.layers.cross_attention_layers(denoiser))
     print(
-        f"config: sample_size={args.sample_size} channels={','.join(map(str, args.channels))} "
+        f"config: family={args.family} sample_size={args.sample_size} "
+        f"channels={','.join(map(str, args.channels))} "
         f"steps={args.steps} batch={args.batch} guidance={args.guidance} repeats={args.repeats} "
         f"cross-attention layers={n_layers}"
     )
@@ -170,7 +186,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ratios = [p / a for a, p in zip(times["plain"], times["probe"], strict=True)]
     median_ratio = statistics.median(ratios)
     shape, per_image = record["shape"], record["bytes"]
-    sd1_bytes = SD1_STEPS * SD1_LAYERS * SD1_HEADS * SD1_TOKENS * 4
+    real = REAL_SHAPES[args.family]
+    real_bytes = int(np.prod(real)) * 4
     results: dict[str, Any] = {
         "command": command,
         "machine": info,
@@ -187,7 +204,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "max_abs_image_diff": max_diff,
         "record_shape": list(shape),
         "record_bytes_per_image": per_image,
-        "sd1_record_bytes_per_image": sd1_bytes,
+        "real_shape": {"family": args.family, "steps_layers_heads_tokens": list(real)},
+        "real_record_bytes_per_image": real_bytes,
     }
     print(
         f"median wall time: plain {results['median_plain_s']:.3f} s, probe {results['median_probe_s']:.3f} s"
@@ -201,8 +219,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"max abs image difference, probe vs plain: {max_diff}")
     print(
         f"record size per image: {per_image:,} bytes here ({shape[0]} steps x {shape[1]} layers x "
-        f"{shape[3]} heads x {shape[4]} tokens x 4 B float32); SD1 at {SD1_STEPS} steps: {sd1_bytes:,} bytes "
-        f"({SD1_STEPS} x {SD1_LAYERS} x {SD1_HEADS} x {SD1_TOKENS} x 4 B = {sd1_bytes / 2**20:.2f} MiB)"
+        f"{shape[3]} heads x {shape[4]} tokens x 4 B float32); {args.family} at its real shape: "
+        f"{real_bytes:,} bytes ({' x '.join(map(str, real))} x 4 B = {real_bytes / 2**20:.2f} MiB)"
     )
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

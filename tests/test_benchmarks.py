@@ -14,18 +14,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_probe_overhead_quick_run(tmp_path):
+@pytest.mark.parametrize("family", ["sd1", "pixart-sigma"])
+def test_probe_overhead_quick_run(tmp_path, family):
     out = tmp_path / "probe.json"
+    script = [sys.executable, str(ROOT / "benchmarks" / "probe_overhead.py"), "--family", family, "--quick"]
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "probe_overhead.py"), "--quick", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=HANG_GUARD_S,
+        [*script, "--json", str(out)], capture_output=True, text=True, timeout=HANG_GUARD_S
     )
     assert result.returncode == 0, result.stderr
     assert "probe overhead ratio" in result.stdout
     data = json.loads(out.read_text())
     assert data["max_abs_image_diff"] == 0.0
+    tokens = {"sd1": 77, "pixart-sigma": 300}[family]
+    assert data["record_shape"][-1] == tokens  # the encode call's length, not the tokenizer's 512
+    assert (
+        data["real_record_bytes_per_image"]
+        == 4 * tokens * {"sd1": 50 * 16 * 8, "pixart-sigma": 20 * 28 * 16}[family]
+    )
 
 
 @pytest.mark.slow
