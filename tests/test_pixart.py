@@ -155,8 +155,29 @@ def test_bos_based_scores_are_refused_with_the_alternative(alpha):
         scores.bos_share(record)
     from memattn.detection.baselines import step1_features
 
-    with pytest.raises(LayoutError, match="BOS share is not defined"):
-        step1_features(record, None)
+    features, names = step1_features(record, None)  # no BOS: no bos_share column, never position 0's share
+    assert names == ["e_layer0", "e_layer1", "summary_share"] and np.isfinite(features).all()
+
+
+def test_scan_of_a_saved_pixart_writes_rows_without_a_bos_share(tmp_path):
+    """`memattn scan` on PixArt-Σ: E and the summary share per prompt, bos_share null, and the
+    too-long limit is the 300 positions the pipeline encodes (not T5's 512)."""
+    pytest.importorskip("pyarrow")
+    from memattn.scan import ScanSettings, read_results, scan
+
+    model = tmp_path / "sigma"
+    tiny_pixart_pipeline("sigma").save_pretrained(model, safe_serialization=True)
+    long_prompt = " ".join(["dog"] * 305)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red dog\na photo of a cat\n" + long_prompt + "\n")
+    settings = ScanSettings(model=str(model), guidance_scale=4.5, steps=2, batch_size=3)
+    summary = scan(prompts, tmp_path / "out", settings, progress=False)
+    assert (summary.rows, summary.ok) == (3, 3)
+    rows = read_results(tmp_path / "out").to_pylist()
+    assert all(row["bos_share"] is None for row in rows)
+    assert all(np.isfinite(row["score_e"]) and 0 < row["summary_share"] <= 1 for row in rows)
+    assert [row["n_tokens"] for row in rows[:2]] == [4, 6]  # words + </s>, no BOS
+    assert rows[2]["truncated"] and "over 300 tokens (306 with the special tokens)" in rows[2]["reason"]
 
 
 def test_each_image_row_matches_its_prompt_run_alone(alpha):

@@ -197,6 +197,19 @@ def _attended(mask: Sequence[int], length: int) -> int:
     return count
 
 
+def encode_length(pipeline: Any) -> int:
+    """Positions the pipeline encodes by default: its ``encode_prompt``'s ``max_sequence_length`` default
+    (PixArt: 120 / 300), else the tokenizer's ``model_max_length`` (CLIP: 77)."""
+    import inspect
+
+    encode = getattr(pipeline, "encode_prompt", None)
+    if callable(encode):
+        parameter = inspect.signature(encode).parameters.get("max_sequence_length")
+        if parameter is not None and isinstance(parameter.default, int):
+            return parameter.default
+    return int(pipeline.tokenizer.model_max_length)
+
+
 def adds_bos(tokenizer: Any) -> bool:
     """Whether ``tokenizer`` puts a BOS token first (CLIP does, T5 does not)."""
     bos = getattr(tokenizer, "bos_token_id", None)

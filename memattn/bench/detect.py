@@ -130,7 +130,8 @@ def collect(
                     **{name: float(value) for name, value in zip(names, x[j], strict=True)},
                 }
             )
-            rows[-1]["minus_bos_share"] = -rows[-1]["bos_share"]  # memorized prompts move attention off BOS
+            if "bos_share" in rows[-1]:  # memorized prompts move attention off BOS (no BOS: no column)
+                rows[-1]["minus_bos_share"] = -rows[-1]["bos_share"]
     return Collected(rows, np.concatenate(features), names, seconds_full, seconds_step1)
 
 
@@ -220,6 +221,7 @@ def analyse(
         "bright_ending",
         "combined",
     ]
+    names = [name for name in names if name in collected.rows[0]]  # bos_share exists only with a BOS
     per_prompt = per_prompt_scores(collected.rows, names, len(labels))
     held_out = ~calibration
     table = score_table({n: v[held_out] for n, v in per_prompt.items()}, labels[held_out])

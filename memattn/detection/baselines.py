@@ -155,12 +155,20 @@ STEP1_ATTENTION_FEATURES = ("bos_share", "summary_share")
 
 
 def step1_features(record: AttentionRecord, wen_norm: np.ndarray | None) -> tuple[np.ndarray, list[str]]:
-    """``[image, feature]`` at the first step: E per layer, BOS and summary shares, Wen's norm."""
+    """``[image, feature]`` at the first step: E per layer, BOS and summary shares, Wen's norm.
+
+    Without a BOS (T5: PixArt) there is no ``bos_share`` column, so the names say which features exist:
+    a detector fitted on a model with BOS is refused on one without (its feature names differ).
+    """
     per_layer = scores.layer_entropy_curves(record)[0].T.numpy()  # [image, layer]
-    bos = scores.bos_share(record).numpy()  # refused (one line) where the tokenizer adds no BOS
     summary = np.array([float(v) for v in scores.summary_share(record)])
-    columns = [per_layer, bos[:, None], summary[:, None]]
-    names = [f"e_layer{i}" for i in range(per_layer.shape[1])] + list(STEP1_ATTENTION_FEATURES)
+    names = [f"e_layer{i}" for i in range(per_layer.shape[1])]
+    columns = [per_layer]
+    if all(layout.has_bos for layout in record.require_layouts()):
+        columns.append(scores.bos_share(record).numpy()[:, None])
+        names.append("bos_share")
+    columns.append(summary[:, None])
+    names.append("summary_share")
     if wen_norm is not None:
         columns.append(np.asarray(wen_norm, dtype=np.float64)[:, None])
         names.append("wen_step1")

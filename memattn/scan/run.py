@@ -119,7 +119,7 @@ def score_batch(
     counts = scorer.token_counts([item.prompt for item in candidates]) if candidates else []
     for item, count in zip(candidates, counts, strict=True):
         if count > scorer.max_length:
-            note = f"over {scorer.max_length} tokens ({count} with BOS/EOS)"
+            note = f"over {scorer.max_length} tokens ({count} with the special tokens)"
             if settings.too_long == "skip":
                 item = replace(item, reason=note)
                 rows[item.row] = _skipped_row(item, settings.seed + item.row, model, version)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from memattn.attention.layers import parse_layer
+from memattn.attention.tokens import encode_length
 from memattn.errors import MemattnError
 from memattn.scan.inputs import sha
 from memattn.scan.schema import ScanSettings
@@ -123,7 +124,7 @@ class BatchScorer:
         self.layer = settings.layer
         if self.layer is None and calibration is not None and calibration.score == "e":
             self.layer = calibration.layer  # as the guard: E is read where it was calibrated
-        self.max_length = int(pipe.tokenizer.model_max_length)
+        self.max_length = encode_length(pipe)  # what the pipeline encodes (T5: max_sequence_length)
 
     def token_counts(self, prompts: list[str]) -> list[int]:
         """Tokens per prompt with BOS and EOS, untruncated (what decides ``truncated``/``too_long``)."""
@@ -142,6 +143,7 @@ class BatchScorer:
         )
         record, wen = step1.record, step1.wen  # Wen's score only with CFG (guidance above 1)
         features, names = step1.features()
+        column = {name: i for i, name in enumerate(names)}  # no bos_share column without a BOS (T5)
         n_layers = record.n_layers
         e = step1.e(self.layer).tolist()
         d = scores.score_d(record).tolist() if s.full else [None] * len(prompts)
@@ -158,8 +160,8 @@ class BatchScorer:
                 {
                     "score_e": e[i],
                     "wen_step1": float(wen[i]) if wen is not None else None,
-                    "bos_share": float(features[i, n_layers]),
-                    "summary_share": float(features[i, n_layers + 1]),
+                    "bos_share": float(features[i, column["bos_share"]]) if "bos_share" in column else None,
+                    "summary_share": float(features[i, column["summary_share"]]),
                     "e_layers": [float(x) for x in features[i, :n_layers]],
                     "score_d": d[i],
                     "score_combined": None if combined is None else float(combined[i]),
