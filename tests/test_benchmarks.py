@@ -63,3 +63,29 @@ def test_detect_cost_quick_run(tmp_path):
         arms = data[model]
         assert arms["step-1 (E, Wen, combined)"]["times_slower_than_step1"] == 1.0
         assert len(arms) == 4 and all(arm["prompts_per_second"] > 0 for arm in arms.values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["sd1", "pixart-alpha"])
+def test_real_model_check_on_a_saved_tiny_pipeline(tmp_path, family):
+    """benchmarks/real_model_check.py (the real-weights check for a GPU) runs on a saved pipeline of each
+    supported family: traced images equal plain ones, finite D/E, the family's own edit, restored."""
+    from memattn.testing import tiny_pipeline, tiny_pixart_pipeline
+
+    model = tmp_path / family
+    pipe = tiny_pipeline("sd1") if family == "sd1" else tiny_pixart_pipeline("alpha")
+    pipe.save_pretrained(model, safe_serialization=True)
+    out = tmp_path / "check.json"
+    script = [sys.executable, str(ROOT / "benchmarks" / "real_model_check.py"), "--model", str(model)]
+    result = subprocess.run(
+        [*script, "--device", "cpu", "--steps", "2", "--rounds", "1", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["max_abs_trace_diff"] == 0.0 and data["scores_finite"] and data["restored"]
+    assert data["edit"] == ({"c": 1.25} if family == "sd1" else {"c": 1.0, "mask_eos": True})
+    assert data["edit_mean_abs_change"] > 0
+    assert data["record_shape"][-1] == (77 if family == "sd1" else 120)
