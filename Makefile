@@ -34,7 +34,7 @@ TEST_WORKERS ?= 2
 
 test: setup chromium
 	$(BIN)/ruff check memattn tests benchmarks
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -ra -n $(TEST_WORKERS) --dist loadscope
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -ra -n $(TEST_WORKERS) --dist loadscope --durations=25
 
 bench: setup
 	$(BIN)/python benchmarks/probe_overhead.py
