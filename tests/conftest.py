@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from memattn.testing import tiny_pipeline
 
@@ -41,3 +42,16 @@ def sd2_pipe():
 @pytest.fixture(scope="session")
 def sdxl_pipe():
     return tiny_pipeline("sdxl", seed=2)
+
+
+class CountScalarReads(TorchDispatchMode):
+    """Counts ``aten._local_scalar_dense`` calls: each is a device->host sync on a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))

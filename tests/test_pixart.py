@@ -11,7 +11,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import generators
+from conftest import CountScalarReads, generators
 from diffusers.models.attention_processor import Attention
 
 import memattn
@@ -407,17 +407,6 @@ def test_prompt_embeds_take_their_layouts_from_the_attention_mask(alpha):
 
 def test_probe_adds_no_host_synchronisation(alpha):
     """As for SD (tests/test_probe.py): the traced call reads no more device scalars than the plain one."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class CountScalarReads(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.count = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.aten._local_scalar_dense.default:
-                self.count += 1
-            return func(*args, **(kwargs or {}))
 
     def call():
         alpha(PROMPTS[:2], num_inference_steps=3, generator=generators([0, 1]), output_type="latent")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import generators
+from conftest import CountScalarReads, generators
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 import memattn
@@ -340,17 +340,6 @@ def test_probe_adds_no_host_synchronisation(sd1_pipe):
 
     The traced call must issue exactly as many as the plain call (the record is copied once, when read).
     """
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class CountScalarReads(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.count = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.aten._local_scalar_dense.default:
-                self.count += 1
-            return func(*args, **(kwargs or {}))
 
     def call():
         sd1_pipe(PROMPTS[:2], num_inference_steps=3, generator=generators([0, 1]), output_type="latent")
