@@ -361,3 +361,76 @@ def tiny_pixart_pipeline(kind: PixArtKind = "alpha", *, seed: int = 0, attention
     _sharpen_cross_attention(pipe.transformer, attention_gain)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# ---- SD3 / SD3.5: an MMDiT reading CLIP-L + CLIP-G + T5 text through joint attention ---------------
+
+SD3Kind = Literal["sd3", "sd3.5"]
+
+
+def tiny_sd3_pipeline(kind: SD3Kind = "sd3", *, seed: int = 0, attention_gain: float = 4.0):
+    """A Stable Diffusion 3 (``sd3``) or 3.5 (``sd3.5``) pipeline with random weights, from configs.
+
+    The real classes: ``SD3Transformer2DModel`` (2 joint blocks, 2 heads of 8, patch 2; ``sd3.5`` adds
+    SD3.5's RMS qk-norm and a dual-attention first block), two ``CLIPTextModelWithProjection`` on the real
+    CLIP vocabulary (CLIP-L pads with EOS, CLIP-G with "!"), a 2-layer ``T5EncoderModel`` with
+    :func:`t5_tokenizer`, a tiny 2× VAE and the flow-matching Euler scheduler. The text sequence is SD3's:
+    77 CLIP positions, then ``max_sequence_length`` T5 positions (256 by default), with no mask.
+    ``attention_gain`` sharpens the joint attention's query/key weights (image and text side).
+    """
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+
+    if kind not in ("sd3", "sd3.5"):
+        raise MemattnError(f"unknown tiny SD3 kind {kind!r}; choose sd3 or sd3.5")
+    torch.manual_seed(seed)
+    t5 = t5_tokenizer()
+    transformer = SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=64,
+        caption_projection_dim=16,
+        pooled_projection_dim=64,
+        out_channels=4,
+        pos_embed_max_size=16,
+        dual_attention_layers=(0,) if kind == "sd3.5" else (),
+        qk_norm="rms_norm" if kind == "sd3.5" else None,
+    ).eval()
+    vae = AutoencoderKL(
+        block_out_channels=[8, 16],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    ).eval()
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=_text_encoder(49407, projection=True),
+        tokenizer=clip_tokenizer("eos"),
+        text_encoder_2=_text_encoder(0, projection=True),
+        tokenizer_2=clip_tokenizer("!"),
+        text_encoder_3=_t5_encoder(len(t5), d_model=64),
+        tokenizer_3=t5,
+    )
+    with torch.no_grad():
+        for name, module in pipe.transformer.named_modules():
+            if name.endswith(".attn") and getattr(module, "add_k_proj", None) is not None:
+                for projection in (module.to_q, module.to_k, module.add_q_proj, module.add_k_proj):
+                    projection.weight.mul_(attention_gain)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

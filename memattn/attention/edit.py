@@ -112,10 +112,10 @@ class AttentionEdit:
                 "mitigation needs each prompt's token layout: pass prompts to the pipeline, or give "
                 "memattn.mitigate(..., lengths=[...]) when calling it with prompt_embeds"
             )
-        if any(layout.context_length != n_tokens for layout in layouts):
+        if any(layout.width != n_tokens for layout in layouts):
             raise LayoutError(
                 f"the layer attends to {n_tokens} text tokens but the token layouts have "
-                f"{layouts[0].context_length} positions; describe the prompts with layouts of the length "
+                f"{layouts[0].width} positions; describe the prompts with layouts of the length "
                 "the pipeline encodes"
             )
         if self.c != 1.0 and not all(layout.has_bos for layout in layouts):
@@ -130,12 +130,11 @@ class AttentionEdit:
                 bos *= torch.where(rows, self.c, 1.0).to(key.dtype)[:, None, None, None]
         if not (self.mask_padding or self.mask_prompt or self.prompt_penalty):
             return key, None
-        eos = tuple(layout.eos_index for layout in layouts)
-        starts = tuple(layout.first_word for layout in layouts)
+        segments = tuple(layout.segments for layout in layouts)
         if self.mask_eos or self.mask_prompt:
             _check_something_visible(layouts, self.mask_eos, self.mask_prompt)
         hidden, prompt_words = _token_masks(
-            eos, starts, n_tokens, self.mask_padding, self.mask_eos, self.mask_prompt, key.device
+            segments, n_tokens, self.mask_padding, self.mask_eos, self.mask_prompt, key.device
         )
         if rows is not None:
             hidden, prompt_words = hidden & rows[:, None], prompt_words & rows[:, None]
@@ -156,7 +155,7 @@ def _check_something_visible(layouts: Sequence[TokenLayout], mask_eos: bool, mas
     """Without a BOS, an empty prompt is only its EOS: hiding it would leave a row with no key at all
     (softmax over nothing is NaN). ``mask_eos`` implies ``mask_padding``, so padding never saves it."""
     for row, layout in enumerate(layouts):
-        words = 0 if mask_prompt else len(layout.prompt_span)
+        words = 0 if mask_prompt else len(layout.prompt_positions)
         if not layout.has_bos and mask_eos and words == 0:
             raise LayoutError(
                 f"conditional row {row} would attend to no text token: it has no BOS, no visible prompt "
@@ -166,8 +165,7 @@ def _check_something_visible(layouts: Sequence[TokenLayout], mask_eos: bool, mas
 
 @functools.lru_cache(maxsize=256)
 def _token_masks(
-    eos: tuple[int, ...],
-    starts: tuple[int, ...],
+    segments: tuple[tuple[tuple[int, int, int, int], ...], ...],
     n_tokens: int,
     mask_padding: bool,
     mask_eos: bool,
@@ -175,13 +173,17 @@ def _token_masks(
     device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(hidden, prompt_words)``, bool ``[row, token]`` on ``device``: built once per batch layout and
-    device, not per layer call (no host-to-device copy inside the UNet on a GPU)."""
-    position = torch.arange(n_tokens)[None, :]
-    eos_index = torch.tensor(eos)[:, None]
-    prompt_words = (position >= torch.tensor(starts)[:, None]) & (position < eos_index)
-    hidden = torch.zeros(len(eos), n_tokens, dtype=torch.bool)
-    if mask_padding:
-        hidden |= position >= eos_index + (0 if mask_eos else 1)
+    device, not per layer call (no host-to-device copy inside the UNet on a GPU).
+
+    ``segments`` are each row's :attr:`TokenLayout.segments`: one per text sequence (SD3: CLIP, then T5),
+    each with its own words, EOS and padding."""
+    prompt_words = torch.zeros(len(segments), n_tokens, dtype=torch.bool)
+    hidden = torch.zeros(len(segments), n_tokens, dtype=torch.bool)
+    for row, parts in enumerate(segments):
+        for _, first, eos, end in parts:
+            prompt_words[row, first:eos] = True
+            if mask_padding:
+                hidden[row, eos + (0 if mask_eos else 1) : end] = True
     if mask_prompt:
         hidden |= prompt_words
     return hidden.to(device), prompt_words.to(device)

@@ -17,11 +17,16 @@ from typing import Any
 import torch
 from diffusers.models.attention_processor import Attention
 
+from memattn.attention.joint import JointAttentionProbe
 from memattn.errors import RecordError, UnsupportedModelError
 
 LayerName = int | str
 # Transformer denoisers whose attn2 layers and text conventions memattn reads (docs/models.md)
 SUPPORTED_TRANSFORMERS = frozenset({"PixArtTransformer2DModel"})
+# MMDiT denoisers whose joint attention memattn reads: image queries over [image keys, text keys]
+SUPPORTED_JOINT = frozenset({"SD3Transformer2DModel"})
+JOINT_PROCESSORS = frozenset({"JointAttnProcessor2_0"})
+SUPPORTED_FAMILIES = "UNet2DConditionModel pipelines (SD1.x, SD2.x, SDXL), PixArt-α/Σ and SD3/SD3.5"
 
 
 def parse_layer(text: str) -> LayerName:
@@ -85,8 +90,41 @@ def find_denoiser(target: Any) -> tuple[Any | None, torch.nn.Module]:
     )
 
 
+def is_joint(module: Attention) -> bool:
+    """A joint-attention layer (MMDiT): the text enters through the added projections (``add_k_proj``)."""
+    return getattr(module, "add_k_proj", None) is not None and not module.is_cross_attention
+
+
+def joint_attention_layers(model: torch.nn.Module) -> list[tuple[str, Attention]]:
+    """SD3's joint blocks (``transformer_blocks.N.attn``) in forward order; SD3.5's image-only ``attn2``
+    (dual attention) has no text and is not one of them."""
+    layers = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, Attention)
+        and is_joint(module)
+        and (
+            type(module.processor).__name__ in JOINT_PROCESSORS
+            or isinstance(module.processor, JointAttentionProbe)
+        )
+    ]
+    return sorted(layers, key=lambda item: forward_order_key(item[0]))
+
+
 def cross_attention_layers(model: torch.nn.Module) -> list[tuple[str, Attention]]:
-    """Text cross-attention layers (``attn2`` with a separate text key/value) in forward order."""
+    """The layers where the image reads the text, in forward order: ``attn2`` cross-attention (UNets,
+    PixArt), or the joint attention of a supported MMDiT (SD3: see :func:`joint_attention_layers`)."""
+    kind = type(model).__name__
+    if kind in SUPPORTED_JOINT:
+        layers = joint_attention_layers(model)
+        if not layers:
+            processors = sorted({type(p).__name__ for p in model.attn_processors.values()})
+            raise UnsupportedModelError(
+                f"{kind} has no joint-attention layer with a processor memattn mirrors "
+                f"({', '.join(sorted(JOINT_PROCESSORS))}); it has {', '.join(processors)}: call "
+                "pipe.transformer.set_default_attn_processor() or remove the custom processors first"
+            )
+        return layers
     layers = [
         (name, module)
         for name, module in model.named_modules()
@@ -95,24 +133,22 @@ def cross_attention_layers(model: torch.nn.Module) -> list[tuple[str, Attention]
         and module.is_cross_attention
         and module.added_kv_proj_dim is None
     ]
-    kind = type(model).__name__
     if layers and "Transformer" in kind and kind not in SUPPORTED_TRANSFORMERS:
         # Sana (Gemma text) and other DiTs with attn2: their text conventions (BOS, mask, length) are not
         # described yet, and a wrong layout would misalign records and edits silently.
         raise UnsupportedModelError(
             f"{kind} has text cross-attention (attn2), but to text whose conventions memattn does not "
             "describe yet (no BOS token, padding hidden by an attention mask, a length set by the "
-            "pipeline); its records, D/E and the BOS edit would be silently wrong. memattn supports "
-            "UNet2DConditionModel pipelines (SD1.x, SD2.x, SDXL) and PixArt-α/Σ; this model is not "
-            "supported yet"
+            f"pipeline); its records, D/E and the BOS edit would be silently wrong. memattn supports "
+            f"{SUPPORTED_FAMILIES}; this model is not supported yet"
         )
     if layers:
         return sorted(layers, key=lambda item: forward_order_key(item[0]))
     attentions = [m for m in model.modules() if isinstance(m, Attention)]
     if "Transformer" in kind or any("Joint" in type(m.processor).__name__ for m in attentions):
         why = (
-            "it attends jointly over image and text tokens (SD3/Flux-style MMDiT), so there is no "
-            "separate text cross-attention to read"
+            "it attends jointly over image and text tokens (an MMDiT such as Flux), and memattn reads "
+            "joint attention only in SD3/SD3.5 so far"
         )
     elif any(m.added_kv_proj_dim is not None for m in attentions):
         why = (
@@ -122,6 +158,5 @@ def cross_attention_layers(model: torch.nn.Module) -> list[tuple[str, Attention]
     else:
         why = "it has no text conditioning at all (e.g. an unconditional UNet2DModel)"
     raise UnsupportedModelError(
-        f"{kind} has no text cross-attention layers (attn2): {why}; memattn supports "
-        "UNet2DConditionModel pipelines (SD1.x, SD2.x, SDXL) and PixArt-α/Σ"
+        f"{kind} has no text cross-attention layers (attn2): {why}; memattn supports {SUPPORTED_FAMILIES}"
     )

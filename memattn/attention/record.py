@@ -35,6 +35,9 @@ class AttentionRecord:
     uncond_layouts: tuple[TokenLayout, ...] | None = None
     maps: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     map_sizes: dict[int, tuple[int, int]] = field(default_factory=dict)
+    # Joint attention (SD3): ``[step, layer, image, head]`` mean share of the image queries' joint softmax
+    # that falls on text keys (``attention`` is that block renormalised over the text); None elsewhere.
+    text_share: torch.Tensor | None = None
 
     @property
     def n_steps(self) -> int:
@@ -56,6 +59,17 @@ class AttentionRecord:
         if all(h == source.shape[3] for h in self.heads):
             return source.mean(dim=3)
         return torch.stack([source[:, i, :, :h].mean(dim=2) for i, h in enumerate(self.heads)], dim=1)
+
+    def text_share_mean(self) -> torch.Tensor:
+        """``[step, layer, image]`` text share, each layer averaged over its own heads (joint models)."""
+        if self.text_share is None:
+            raise RecordError(
+                "no text share recorded: it exists for joint-attention models (SD3) traced with "
+                "text_share=True; in cross-attention the text is all a layer reads (share 1)"
+            )
+        return torch.stack(
+            [self.text_share[:, i, :, :h].mean(dim=-1) for i, h in enumerate(self.heads)], dim=1
+        )
 
     def layer_index(self, layer: int | str) -> int:
         """Forward-order index of a layer (the one rule: :func:`~memattn.attention.layers.resolve_layer`)."""

@@ -17,7 +17,7 @@ import torch
 from memattn.attention.record import AttentionRecord
 from memattn.attention.session import AttentionSession, Listener
 from memattn.attention.tokens import TokenLayout
-from memattn.errors import LayoutError
+from memattn.errors import LayoutError, RecordError
 
 
 @dataclass
@@ -31,6 +31,7 @@ class _Segment:
     images_per_prompt: int = 1
     n_images: int = 0
     steps: list[list[torch.Tensor | None]] = field(default_factory=list)
+    share_steps: list[list[torch.Tensor | None]] = field(default_factory=list)  # joint layers only
     uncond_steps: list[list[torch.Tensor | None]] = field(default_factory=list)
     timesteps: list[Any] = field(default_factory=list)
     maps: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
@@ -53,12 +54,15 @@ class Recorder(Listener):
         map_steps: Sequence[int] | None = None,
         map_layers: Sequence[int] | None = None,
         role: str = "trace",
+        text_share: bool = False,
     ) -> None:
         self.layer_names = tuple(layer_names)
+        self.reads_share = text_share  # the session computes it on joint layers (SD3) only
         self.heads = tuple(heads)
         self.record_uncond = record_uncond
         self.want_maps = map_steps is not None or map_layers is not None
         self.map_steps = None if map_steps is None else set(map_steps)
+        self._map_steps_now = self.map_steps  # negative steps resolved against the call's schedule
         self.map_layers = None if map_layers is None else set(map_layers)
         self.role = role
         self.segments: list[_Segment] = []
@@ -83,10 +87,14 @@ class Recorder(Listener):
                 )
             )
         segment = self.segments[-1]
+        if session.step == 0 and self.map_steps is not None:
+            self._map_steps_now = _resolve_steps(self.map_steps, session.schedule_length())
         uncond = self.record_uncond and call.cfg
         self._n_cond = session.cond_rows.stop - session.cond_rows.start
         self._observed = slice(0, session.batch) if uncond else session.cond_rows
         segment.steps.append([None] * len(self.layer_names))
+        if self.reads_share:
+            segment.share_steps.append([None] * len(self.layer_names))
         if uncond:
             segment.uncond_steps.append([None] * len(self.layer_names))
         segment.timesteps.append(session.timestep)
@@ -108,10 +116,10 @@ class Recorder(Listener):
         if not self.segments or not self.segments[-1].steps:
             return
         segment = self.segments[-1]
-        if segment.layouts and segment.layouts[0].context_length != key.shape[-2]:
+        if segment.layouts and segment.layouts[0].width != key.shape[-2]:
             raise LayoutError(
                 f"the layer attends to {key.shape[-2]} text tokens but the token layouts have "
-                f"{segment.layouts[0].context_length} positions; describe the prompts with layouts of the "
+                f"{segment.layouts[0].width} positions; describe the prompts with layouts of the "
                 "length the pipeline encodes (e.g. max_sequence_length)"
             )
         rows = self._observed
@@ -128,11 +136,16 @@ class Recorder(Listener):
             segment.uncond_steps[step][layer] = mean[:-n_cond]
         if (
             self.want_maps
-            and (self.map_steps is None or step in self.map_steps)
+            and (self._map_steps_now is None or step in self._map_steps_now)
             and (self.map_layers is None or layer in self.map_layers)
         ):
             segment.maps[(step, layer)] = probs[-n_cond:].detach()
             segment.map_sizes.setdefault(layer, _spatial_size(session.latent_size, probs.shape[2]))
+
+    def observe_share(self, session: AttentionSession, layer: int, share: torch.Tensor) -> None:
+        """Keep the conditional rows' ``(rows, heads)`` text share of a joint layer."""
+        if self.segments and self.segments[-1].share_steps:
+            self.segments[-1].share_steps[-1][layer] = share[-self._n_cond :]
 
     # ---- results ------------------------------------------------------------------------------
     def records(self) -> list[AttentionRecord]:
@@ -165,6 +178,7 @@ class Recorder(Listener):
                 else None,
                 uncond_layouts=segment.uncond_layouts,
                 maps={k: v.float().cpu() for k, v in segment.maps.items()},
+                text_share=_stack_shares(segment.share_steps, n_images, max(self.heads)),
                 map_sizes=dict(segment.map_sizes),
             )
         return segment.record
@@ -189,6 +203,31 @@ class Recorder(Listener):
         return torch.stack(stacked).float().cpu()
 
 
+def _resolve_steps(steps: set[int], n_steps: int | None) -> set[int]:
+    """``map_steps`` with negative indices counted from the end of the call's schedule (-1: the last)."""
+    if all(step >= 0 for step in steps):
+        return steps
+    if n_steps is None:
+        raise RecordError(
+            f"map_steps {sorted(steps)} count from the end, but this call has no scheduler to say how many "
+            "denoiser calls it makes (a bare UNet); give non-negative step indices"
+        )
+    return {step % n_steps if step < 0 else step for step in steps}
+
+
+def _stack_shares(steps: list[list[torch.Tensor | None]], n_images: int, width: int) -> torch.Tensor | None:
+    """``[step, layer, image, head]`` text share (NaN where a layer has no joint attention or fewer heads);
+    ``None`` when no layer reported one (cross-attention models: the text is all a layer reads)."""
+    if not any(t is not None for step in steps for t in step):
+        return None
+    out = torch.full((len(steps), len(steps[0]), n_images, width), float("nan"))
+    for s, step in enumerate(steps):
+        for layer, share in enumerate(step):
+            if share is not None:
+                out[s, layer, :, : share.shape[1]] = share.float().cpu()
+    return out
+
+
 def _rows(mask: Any, rows: slice) -> torch.Tensor | None:
     if not isinstance(mask, torch.Tensor) or mask.ndim not in (2, 3):
         return None
@@ -211,13 +250,13 @@ def check_mask(layouts: Sequence[TokenLayout], mask: torch.Tensor | None) -> Non
         return
     visible = (mask > 0.5) if mask.ndim == 2 else (mask[:, 0] > -1.0)
     visible = visible.cpu()
-    if visible.shape[0] != len(layouts) or visible.shape[-1] != layouts[0].context_length:
+    if visible.shape[0] != len(layouts) or visible.shape[-1] != layouts[0].width:
         raise LayoutError(
             f"the denoiser's attention mask is {tuple(visible.shape)} but there are {len(layouts)} "
-            f"layouts of {layouts[0].context_length} positions"
+            f"layouts of {layouts[0].width} positions"
         )
     for image, layout in enumerate(layouts):
-        expected = torch.zeros(layout.context_length, dtype=torch.bool)
+        expected = torch.zeros(layout.width, dtype=torch.bool)
         expected[: len(layout.attendable_span)] = True
         if not torch.equal(visible[image], expected):
             raise LayoutError(

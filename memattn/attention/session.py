@@ -30,7 +30,8 @@ from typing import Any
 
 import torch
 
-from memattn.attention.layers import cross_attention_layers, find_denoiser
+from memattn.attention.joint import JointAttentionProbe
+from memattn.attention.layers import cross_attention_layers, find_denoiser, is_joint
 from memattn.attention.patch import Patch, call_arguments
 from memattn.attention.processor import CrossAttentionProbe
 from memattn.attention.tokens import TokenLayout, adds_bos, encode_spec, pipeline_layouts
@@ -109,6 +110,7 @@ class Listener:
 
     edits: bool = False
     reads: bool = False
+    reads_share: bool = False  # wants the text share of joint-attention layers (SD3; one more kernel call)
     role: str = ""
 
     def on_step(self, session: AttentionSession) -> None:
@@ -129,6 +131,9 @@ class Listener:
     ) -> None:
         """Read one layer call (query, the keys after every edit, the final additive mask)."""
 
+    def observe_share(self, session: AttentionSession, layer: int, share: torch.Tensor) -> None:
+        """Read a joint layer's ``(batch, heads)`` share of the image queries' softmax on text keys."""
+
 
 _SESSIONS: weakref.WeakKeyDictionary[torch.nn.Module, AttentionSession] = weakref.WeakKeyDictionary()
 
@@ -141,10 +146,12 @@ class AttentionSession:
         layers = cross_attention_layers(model)
         self.layer_names = tuple(name for name, _ in layers)
         self.heads = tuple(module.heads for _, module in layers)
+        self.joint = tuple(is_joint(module) for _, module in layers)
         self.pipeline: Any = None
         self.listeners: list[Listener] = []
         self.editors: tuple[Listener, ...] = ()
         self.readers: tuple[Listener, ...] = ()
+        self.share_readers: tuple[Listener, ...] = ()
         self.call: Call | None = None
         self.step = -1  # index of the current UNet call within the current call
         self.timestep: Any = None
@@ -160,6 +167,7 @@ class AttentionSession:
         self._patches: list[Patch] = []
         self._forward_signature: inspect.Signature | None = None
         self._tokenizers: list[Any] = []
+        self._tail_tokenizer: Any = None  # SD3's T5 (tokenizer_3): its sequence follows the CLIP one
 
     # ---- lifetime -----------------------------------------------------------------------------
     @staticmethod
@@ -214,7 +222,8 @@ class AttentionSession:
     def _install(self) -> None:
         self._originals = dict(self.model.attn_processors)
         probes = {
-            f"{name}.processor": CrossAttentionProbe(self, i) for i, name in enumerate(self.layer_names)
+            f"{name}.processor": (JointAttentionProbe if joint else CrossAttentionProbe)(self, i)
+            for i, (name, joint) in enumerate(zip(self.layer_names, self.joint, strict=True))
         }
         self.model.set_attn_processor({key: probes.get(key, proc) for key, proc in self._originals.items()})
         try:
@@ -251,6 +260,14 @@ class AttentionSession:
         self._tokenizers = [
             t for t in (getattr(pipeline, "tokenizer", None), getattr(pipeline, "tokenizer_2", None)) if t
         ]
+        if any(self.joint):
+            self._tail_tokenizer = getattr(pipeline, "tokenizer_3", None)
+            if self._tail_tokenizer is None or getattr(pipeline, "text_encoder_3", None) is None:
+                raise LayoutError(
+                    f"{type(pipeline).__name__} has no T5 encoder (tokenizer_3/text_encoder_3 is None): its "
+                    "text then ends in zero vectors that memattn does not describe yet; load the pipeline "
+                    "with its T5 encoder"
+                )
         if callable(getattr(pipeline, "encode_prompt", None)):
 
             def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -278,6 +295,7 @@ class AttentionSession:
     def _sort(self) -> None:
         self.editors = tuple(listener for listener in self.listeners if listener.edits)
         self.readers = tuple(listener for listener in self.listeners if listener.reads)
+        self.share_readers = tuple(listener for listener in self.listeners if listener.reads_share)
 
     # ---- the run ------------------------------------------------------------------------------
     def restart_bare_call(self) -> None:
@@ -303,23 +321,40 @@ class AttentionSession:
         uncond: Callable[[], tuple[TokenLayout, ...] | None] | None = None
         if prompts is not None:
             spec = encode_spec(pipeline, arguments)  # the length and mask of this very call
+            tail = self._tail_tokenizer
             layouts = pipeline_layouts(
-                self._tokenizers, prompts, _as_list(arguments.get("prompt_2"), len(prompts)), spec=spec
+                self._tokenizers,
+                prompts,
+                _as_list(arguments.get("prompt_2"), len(prompts)),
+                spec=spec,
+                tail_tokenizer=tail,
+                prompts_3=_as_list(arguments.get("prompt_3"), len(prompts)),
             )
             if cfg and arguments.get("negative_prompt_embeds") is None:
                 negatives = _as_list(arguments.get("negative_prompt") or "", len(prompts))
+                negatives_2 = _as_list(arguments.get("negative_prompt_2"), len(prompts))
+                negatives_3 = _as_list(arguments.get("negative_prompt_3"), len(prompts))
 
                 def uncond() -> tuple[TokenLayout, ...]:
-                    return _repeat(pipeline_layouts(self._tokenizers, negatives, spec=spec), per_prompt)
+                    negative = pipeline_layouts(
+                        self._tokenizers,
+                        negatives,
+                        negatives_2,
+                        spec=spec,
+                        tail_tokenizer=tail,
+                        prompts_3=negatives_3,
+                    )
+                    return _repeat(negative, per_prompt)
         else:
             embeds = arguments.get("prompt_embeds")
             count = int(embeds.shape[0]) if isinstance(embeds, torch.Tensor) else None
             layouts = None
-            lengths = self.description.lengths
-            if lengths is not None:
-                if count is not None and len(lengths) != count:
-                    raise LayoutError(f"{len(lengths)} lengths given for {count} prompt embeddings")
-                layouts = [TokenLayout.from_length(n) for n in lengths]
+            given = self.description.bare_layouts()  # lengths= or layouts= (SD3: CLIP with a T5 tail)
+            if given is not None:
+                if count is not None and len(given) != count:
+                    what = "lengths" if self.description.lengths is not None else "layouts"
+                    raise LayoutError(f"{len(given)} {what} given for {count} prompt embeddings")
+                layouts = list(given)
             elif isinstance(arguments.get("prompt_attention_mask"), torch.Tensor) and self._tokenizers:
                 # PixArt with prompt_embeds: the mask says which positions are words + EOS
                 bos = adds_bos(self._tokenizers[0])
@@ -386,6 +421,10 @@ class AttentionSession:
     def observe(self, layer: int, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> None:
         for listener in self.readers:
             listener.observe(self, layer, query, key, mask)
+
+    def observe_share(self, layer: int, share: torch.Tensor) -> None:
+        for listener in self.share_readers:
+            listener.observe_share(self, layer, share)
 
 
 def _describe(batch: BatchDescription) -> str:

@@ -11,13 +11,16 @@ Two text conventions are described by one :class:`TokenLayout` (docs/models.md):
   the length the *pipeline* encodes (``max_sequence_length``: 120 for α, 300 for Σ; never
   ``tokenizer.model_max_length``), and the pipeline hands the tokenizer's attention mask to the
   denoiser, so only the words and EOS are attendable (``attended = eos_index + 1``).
+- **CLIP + T5** (SD3/SD3.5): the 77 CLIP positions (CLIP-L and CLIP-G share them, as in SDXL), then
+  the T5 sequence of ``max_sequence_length`` positions, unmasked: a CLIP layout with the T5 layout as
+  its ``tail``. Summary tokens are the CLIP EOS and its padding *and* the T5 ``</s>`` and its padding.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from memattn.errors import LayoutError
@@ -42,8 +45,11 @@ class TokenLayout:
     truncated: bool = False
     tokens: tuple[str, ...] | None = None
     attended: int | None = None
+    tail: TokenLayout | None = None  # a second text sequence after these positions (SD3: T5 after CLIP)
 
     def __post_init__(self) -> None:
+        if self.tail is not None and (self.attended is not None or self.tail.attended is not None):
+            raise LayoutError("a layout with a tail (SD3: CLIP then T5) describes unmasked text only")
         if self.bos_index is not None and self.bos_index != 0:
             raise LayoutError(f"BOS sits at position 0 or nowhere (None), not at {self.bos_index}")
         first = self.first_word
@@ -75,7 +81,40 @@ class TokenLayout:
 
     @property
     def prompt_span(self) -> range:
+        """The prompt words of the first sequence (see :attr:`prompt_positions` for all of them)."""
         return range(self.first_word, self.eos_index)
+
+    @property
+    def width(self) -> int:
+        """Text positions the denoiser's layer attends over: this sequence and its tail, if any."""
+        return self.context_length + (0 if self.tail is None else self.tail.width)
+
+    @property
+    def segments(self) -> tuple[tuple[int, int, int, int], ...]:
+        """``(offset, first_word, eos_index, end)`` per sequence, in absolute positions (small, hashable)."""
+        own = ((0, self.first_word, self.eos_index, self.context_length),)
+        if self.tail is None:
+            return own
+        shift = self.context_length
+        return own + tuple((o + shift, f + shift, e + shift, n + shift) for o, f, e, n in self.tail.segments)
+
+    @property
+    def prompt_positions(self) -> tuple[int, ...]:
+        """Every prompt word's position, over all sequences (SD3: the CLIP words, then the T5 words)."""
+        return tuple(p for _, first, eos, _ in self.segments for p in range(first, eos))
+
+    @property
+    def summary_positions(self) -> tuple[int, ...]:
+        """Every sequence's first EOS and what follows it (the summary tokens of score D)."""
+        return tuple(p for _, _, eos, end in self.segments for p in range(eos, end))
+
+    @property
+    def eos_positions(self) -> tuple[int, ...]:
+        return tuple(eos for _, _, eos, _ in self.segments)
+
+    def with_tail(self, tail: TokenLayout) -> TokenLayout:
+        """This layout followed by ``tail`` (SD3: the T5 sequence after the 77 CLIP positions)."""
+        return replace(self, tail=tail, truncated=self.truncated or tail.truncated)
 
     @property
     def summary_span(self) -> range:
@@ -88,7 +127,7 @@ class TokenLayout:
     @property
     def attendable_span(self) -> range:
         """Positions the denoiser can attend to (its own mask hides the rest)."""
-        return range(self.context_length if self.attended is None else self.attended)
+        return range(self.width if self.attended is None else self.attended)
 
     @property
     def padding_masked(self) -> bool:
@@ -97,6 +136,8 @@ class TokenLayout:
 
     def token(self, position: int) -> str:
         """Readable token at a position (BPE end-of-word marker removed)."""
+        if self.tail is not None and position >= self.context_length:
+            return self.tail.token(position - self.context_length)
         if self.tokens is None:
             return f"#{position}"
         return self.tokens[position].replace("</w>", "")
@@ -303,20 +344,35 @@ def pipeline_layouts(
     prompts_2: Sequence[str] | None = None,
     *,
     spec: EncodeSpec | None = None,
+    tail_tokenizer: Any = None,
+    prompts_3: Sequence[str] | None = None,
 ) -> list[TokenLayout]:
-    """Layouts for a pipeline's tokenizer(s); SDXL's second tokenizer may get its own prompts."""
+    """Layouts for a pipeline's tokenizer(s); SDXL's second tokenizer may get its own prompts.
+
+    ``tail_tokenizer`` (SD3's T5, ``tokenizer_3``) adds a second sequence after the CLIP positions: the
+    CLIP tokenizers then encode ``model_max_length`` (77) positions and the tail the call's
+    ``max_sequence_length``, with ``prompts_3`` (default: the prompts) as SD3 does.
+    """
     if not tokenizers:
         raise LayoutError("the pipeline has no tokenizer; pass `lengths=` to trace() instead")
-    if prompts_2 is not None and len(prompts_2) != len(prompts):
-        raise LayoutError(
-            f"{len(prompts_2)} prompt_2 entries for {len(prompts)} prompts; give one per prompt"
-        )
+    for name, others in (("prompt_2", prompts_2), ("prompt_3", prompts_3)):
+        if others is not None and len(others) != len(prompts):
+            raise LayoutError(f"{len(others)} {name} entries for {len(prompts)} prompts; give one per prompt")
     spec = spec or EncodeSpec()
     options = dict(max_length=spec.max_length, masked=spec.masked)
+    if tail_tokenizer is not None:
+        options = dict(max_length=None, masked=False)  # SD3 encodes CLIP at 77, T5 at the call's length
     layouts = tokenize_layouts(tokenizers[0], spec.prepare(prompts), **options)
     for tokenizer in tokenizers[1:]:
         other = tokenize_layouts(
             tokenizer, spec.prepare(prompts_2 if prompts_2 is not None else prompts), **options
         )
         layouts = [a.merged(b) for a, b in zip(layouts, other, strict=True)]
+    if tail_tokenizer is not None:
+        tails = tokenize_layouts(
+            tail_tokenizer,
+            spec.prepare(prompts_3 if prompts_3 is not None else prompts),
+            max_length=spec.max_length,
+        )
+        layouts = [a.with_tail(b) for a, b in zip(layouts, tails, strict=True)]
     return layouts

@@ -38,6 +38,7 @@ class Trace:
         lengths: Sequence[int] | None = None,
         layouts: Sequence[TokenLayout] | None = None,
         cfg: bool = False,
+        text_share: bool = True,
     ) -> None:
         self.target = target
         self.pipeline, self.model = find_denoiser(target)
@@ -52,6 +53,7 @@ class Trace:
             record_uncond=record_uncond,
             map_steps=map_steps,
             map_layers=layer_indices,
+            text_share=text_share,
         )
         self._batch = BatchDescription.of(lengths=lengths, layouts=layouts, cfg=cfg)
         self._session: AttentionSession | None = None
@@ -101,6 +103,7 @@ def trace(
     lengths: Sequence[int] | None = None,
     layouts: Sequence[TokenLayout] | None = None,
     cfg: bool = False,
+    text_share: bool = True,
 ) -> Trace:
     """Record cross-attention of a diffusers pipeline or bare UNet inside a ``with`` block.
 
@@ -109,7 +112,9 @@ def trace(
     ``(image, head, query, token)`` maps for those steps/layers (off by default: they are large).
     ``lengths`` gives token counts (BOS and EOS included) per prompt when prompts come as
     ``prompt_embeds``; ``layouts``/``lengths`` and ``cfg`` describe the batch of a bare UNet, whose
-    rows are all conditional unless ``cfg=True``.
+    rows are all conditional unless ``cfg=True``. On a joint-attention model (SD3) ``text_share`` also
+    records how much of the image's joint softmax falls on the text (``record.text_share``; one more
+    fused kernel call per layer: ``text_share=False`` skips it).
     """
     return Trace(
         target,
@@ -119,6 +124,7 @@ def trace(
         lengths=lengths,
         layouts=layouts,
         cfg=cfg,
+        text_share=text_share,
     )
 
 

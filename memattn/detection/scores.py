@@ -66,9 +66,9 @@ def _summary_mask(record: AttentionRecord) -> torch.Tensor:
     tokens = record.attention.shape[-1]
     mask = torch.zeros(len(layouts), tokens, dtype=torch.bool)
     for image, layout in enumerate(layouts):
-        if layout.context_length != tokens:
-            raise RecordError(f"layout has {layout.context_length} positions, the record {tokens} tokens")
-        mask[image, layout.eos_index :] = True
+        if layout.width != tokens:
+            raise RecordError(f"layout has {layout.width} positions, the record {tokens} tokens")
+        mask[image, list(layout.summary_positions)] = True
     return mask
 
 
@@ -93,10 +93,8 @@ def bos_share(record: AttentionRecord, layers: LayerSpec = None, step: int = 0) 
 
 def summary_share(record: AttentionRecord, layers: LayerSpec = None, step: int = 0) -> torch.Tensor:
     """``[image]`` attention share of the summary tokens (first EOS on; padding is 0 where masked)."""
-    layouts = record.require_layouts()
-    _summary_mask(record)  # checks that the layouts fit the record
-    mean = mean_attention(record, layers)[step]
-    return torch.stack([mean[i, layout.eos_index :].sum() for i, layout in enumerate(layouts)])
+    mask = _summary_mask(record)  # checks that the layouts fit the record
+    return (mean_attention(record, layers)[step] * mask).sum(dim=-1)
 
 
 def token_mass(
@@ -128,7 +126,7 @@ def trigger_tokens(
     mass = token_mass(record, layers, steps)
     result = []
     for image, layout in enumerate(layouts):
-        span = list(layout.prompt_span)
+        span = list(layout.prompt_positions)
         if not span:
             result.append([])
             continue

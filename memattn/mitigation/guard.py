@@ -380,7 +380,8 @@ def _keeping_initial_noise(pipe: Any, state: dict) -> Callable[[Callable[..., An
     def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
         def prepare_latents(*args: Any, **kwargs: Any) -> Any:
             latents = original(*args, **kwargs)
-            state["latents"] = latents / pipe.scheduler.init_noise_sigma
+            # SD-style schedulers scale given latents by init_noise_sigma; flow matching (SD3) has none
+            state["latents"] = latents / getattr(pipe.scheduler, "init_noise_sigma", 1.0)
             return latents
 
         return prepare_latents
