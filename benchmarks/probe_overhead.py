@@ -2,8 +2,9 @@
 
 The probe recomputes ``softmax(QKᵀ/√d)`` of every cross-attention layer for the conditional rows (SDPA
 never exposes probabilities), so it costs extra work per step. This script measures that cost end to end
-on a pipeline with random weights (``memattn.testing``; ``--family``: SD1's UNet, the default, or PixArt-α/Σ's
-transformer with T5 text): full ``pipe(...)`` calls without
+on a pipeline with random weights (``memattn.testing``; ``--family``: SD1's UNet, the default, PixArt-α/Σ's
+transformer with T5 text, or SD3/SD3.5's MMDiT with CLIP + T5 text in joint attention, where the probe also
+computes the text share with one more fused kernel call): full ``pipe(...)`` calls without
 and with the probe, interleaved in alternating order (ABBA...) so that drift and other load on the machine
 hit both sides alike, after one warm-up of each. It also checks that images are identical and reports the
 record's size per image.
@@ -27,10 +28,11 @@ from typing import Any
 import numpy as np
 import torch
 
+import memattn.attention.joint
 import memattn.attention.layers
 import memattn.attention.recorder
 import memattn.attention.trace
-from memattn.testing import tiny_pipeline, tiny_pixart_pipeline
+from memattn.testing import tiny_pipeline, tiny_pixart_pipeline, tiny_sd3_pipeline
 
 PROMPTS = (
     "a photo of an astronaut riding a horse on mars",
@@ -40,12 +42,16 @@ PROMPTS = (
 )
 # One float32 per (step, layer, head, token) and image, at each family's real shape and default steps:
 # SD1.x 512 px (50 steps, 16 attn2 layers, 8 heads, 77 tokens); PixArt-α 512/1024 (20 steps, 28 blocks,
-# 16 heads, max_sequence_length 120) and PixArt-Σ (300 tokens); the latent size does not enter.
+# 16 heads, max_sequence_length 120) and PixArt-Σ (300 tokens); SD3-medium (28 steps, 24 joint blocks,
+# 24 heads, 77 CLIP + 256 T5 tokens) and SD3.5-large (38 blocks, 38 heads); the latent size does not enter.
 REAL_SHAPES = {
     "sd1": (50, 16, 8, 77),
     "pixart-alpha": (20, 28, 16, 120),
     "pixart-sigma": (20, 28, 16, 300),
+    "sd3": (28, 24, 24, 333),
+    "sd3.5": (28, 38, 38, 333),
 }
+JOINT = ("sd3", "sd3.5")  # the record adds one text share per (step, layer, head)
 FAMILIES = tuple(REAL_SHAPES)
 QUICK = dict(sample_size=16, channels=(32, 32, 64, 64), steps=2, repeats=2)
 
@@ -54,7 +60,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", choices=FAMILIES, default="sd1", help="pipeline family (default sd1)")
     parser.add_argument(
-        "--sample-size", type=int, default=56, help="SD1 latent height/width (default 56; PixArt: 32)"
+        "--sample-size",
+        type=int,
+        default=None,
+        help="latent height/width (default: SD1 56, SD3 64; PixArt has one size, 32)",
     )
     parser.add_argument(
         "--channels",
@@ -72,6 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         for key, value in QUICK.items():
             setattr(args, key, value)
+    if args.sample_size is None:
+        args.sample_size = 64 if args.family in JOINT else 56
     if len(args.channels) != 4 or any(c % 8 for c in args.channels):
         parser.error("--channels needs 4 comma-separated multiples of 8")
     return args
@@ -97,6 +108,7 @@ def time_observe(spent: list[float]) -> Callable[[], None]:
     cost of installing the probes and reading the record, a few ms per ``with`` block).
     """
     original = memattn.attention.recorder.Recorder.observe
+    share = memattn.attention.joint.text_share  # joint attention (SD3): the text-share kernel call
 
     def observe(self: memattn.attention.recorder.Recorder, *args: Any) -> None:
         start = time.perf_counter()
@@ -105,8 +117,21 @@ def time_observe(spent: list[float]) -> Callable[[], None]:
         finally:
             spent[-1] += time.perf_counter() - start
 
+    def text_share(*args: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return share(*args)
+        finally:
+            spent[-1] += time.perf_counter() - start
+
     memattn.attention.recorder.Recorder.observe = observe  # type: ignore[method-assign]
-    return lambda: setattr(memattn.attention.recorder.Recorder, "observe", original)
+    memattn.attention.joint.text_share = text_share
+
+    def restore() -> None:
+        memattn.attention.recorder.Recorder.observe = original  # type: ignore[method-assign]
+        memattn.attention.joint.text_share = share
+
+    return restore
 
 
 def timed(fn: Callable[[], np.ndarray]) -> tuple[float, np.ndarray]:
@@ -126,6 +151,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if args.family == "sd1":
         pipe = tiny_pipeline("sd1", sample_size=args.sample_size, channels=args.channels)
+    elif args.family in JOINT:  # the tiny SD3 has no channel option
+        pipe = tiny_sd3_pipeline(args.family, sample_size=args.sample_size)
     else:  # the tiny PixArt has one size (its 256-px resolution bin) and no channel option
         pipe = tiny_pixart_pipeline(args.family.removeprefix("pixart-"))
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
@@ -156,8 +183,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with memattn.attention.trace.trace(pipe) as tr:
             images = generate()
             attention = tr.record.attention  # reading the record (stack + copy to CPU) is part of the cost
+        share = tr.record.text_share
         record["shape"] = tuple(attention.shape)
-        record["bytes"] = attention[:, :, 0].numel() * attention.element_size()
+        record["bytes"] = (attention[:, :, 0].numel() + (0 if share is None else share[:, :, 0].numel())) * 4
         return images
 
     times: dict[str, list[float]] = {"plain": [], "probe": []}
@@ -187,7 +215,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     median_ratio = statistics.median(ratios)
     shape, per_image = record["shape"], record["bytes"]
     real = REAL_SHAPES[args.family]
-    real_bytes = int(np.prod(real)) * 4
+    steps, layers, heads, tokens = real
+    real_bytes = steps * layers * heads * (tokens + (1 if args.family in JOINT else 0)) * 4
     results: dict[str, Any] = {
         "command": command,
         "machine": info,
@@ -217,10 +246,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{statistics.median(shares) * 100:.2f}% of a plain call"
     )
     print(f"max abs image difference, probe vs plain: {max_diff}")
+    share_note = " (+1 text share)" if args.family in JOINT else ""
     print(
         f"record size per image: {per_image:,} bytes here ({shape[0]} steps x {shape[1]} layers x "
-        f"{shape[3]} heads x {shape[4]} tokens x 4 B float32); {args.family} at its real shape: "
-        f"{real_bytes:,} bytes ({' x '.join(map(str, real))} x 4 B = {real_bytes / 2**20:.2f} MiB)"
+        f"{shape[3]} heads x {shape[4]} tokens{share_note} x 4 B float32); {args.family} at its real shape: "
+        f"{real_bytes:,} bytes ({' x '.join(map(str, real[:3]))} x {real[3]}{share_note} x 4 B = "
+        f"{real_bytes / 2**20:.2f} MiB)"
     )
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

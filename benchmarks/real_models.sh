@@ -18,7 +18,8 @@ check() {  # name, model, extra arguments
 check sd14 "${SD14:-CompVis/stable-diffusion-v1-4}" --steps 50
 check pixart-alpha "${PIXART_ALPHA:-PixArt-alpha/PixArt-XL-2-512x512}" --steps 20
 check pixart-sigma "${PIXART_SIGMA:-PixArt-alpha/PixArt-Sigma-XL-2-1024-MS}" --steps 20
-# Not supported yet: each prints UnsupportedModelError's line (what memattn looked for and why).
 check sd3-medium "${SD3:-stabilityai/stable-diffusion-3-medium-diffusers}" --steps 28
+check sd3.5-large "${SD35:-stabilityai/stable-diffusion-3.5-large}" --steps 28 --dtype bf16
+# Not supported yet: each prints UnsupportedModelError's line (what memattn looked for and why).
 check flux-schnell "${FLUX:-black-forest-labs/FLUX.1-schnell}" --steps 4
 check if-stage1 "${IF_I:-DeepFloyd/IF-I-XL-v1.0}" --steps 20

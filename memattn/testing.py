@@ -368,7 +368,9 @@ def tiny_pixart_pipeline(kind: PixArtKind = "alpha", *, seed: int = 0, attention
 SD3Kind = Literal["sd3", "sd3.5"]
 
 
-def tiny_sd3_pipeline(kind: SD3Kind = "sd3", *, seed: int = 0, attention_gain: float = 4.0):
+def tiny_sd3_pipeline(
+    kind: SD3Kind = "sd3", *, seed: int = 0, attention_gain: float = 4.0, sample_size: int = 16
+):
     """A Stable Diffusion 3 (``sd3``) or 3.5 (``sd3.5``) pipeline with random weights, from configs.
 
     The real classes: ``SD3Transformer2DModel`` (2 joint blocks, 2 heads of 8, patch 2; ``sd3.5`` adds
@@ -376,6 +378,7 @@ def tiny_sd3_pipeline(kind: SD3Kind = "sd3", *, seed: int = 0, attention_gain: f
     CLIP vocabulary (CLIP-L pads with EOS, CLIP-G with "!"), a 2-layer ``T5EncoderModel`` with
     :func:`t5_tokenizer`, a tiny 2× VAE and the flow-matching Euler scheduler. The text sequence is SD3's:
     77 CLIP positions, then ``max_sequence_length`` T5 positions (256 by default), with no mask.
+    ``sample_size`` is the latent height and width (16: 64 image tokens; images are twice as large).
     ``attention_gain`` sharpens the joint attention's query/key weights (image and text side).
     """
     from diffusers import (
@@ -390,7 +393,7 @@ def tiny_sd3_pipeline(kind: SD3Kind = "sd3", *, seed: int = 0, attention_gain: f
     torch.manual_seed(seed)
     t5 = t5_tokenizer()
     transformer = SD3Transformer2DModel(
-        sample_size=16,
+        sample_size=sample_size,
         patch_size=2,
         in_channels=4,
         num_layers=2,
@@ -400,7 +403,7 @@ def tiny_sd3_pipeline(kind: SD3Kind = "sd3", *, seed: int = 0, attention_gain: f
         caption_projection_dim=16,
         pooled_projection_dim=64,
         out_channels=4,
-        pos_embed_max_size=16,
+        pos_embed_max_size=max(16, sample_size // 2),
         dual_attention_layers=(0,) if kind == "sd3.5" else (),
         qk_norm="rms_norm" if kind == "sd3.5" else None,
     ).eval()
