@@ -51,7 +51,7 @@ REAL_SHAPES = {
     "sd3": (28, 24, 24, 333),
     "sd3.5": (28, 38, 38, 333),
 }
-JOINT = ("sd3", "sd3.5")  # the record adds one text share per (step, layer, head)
+JOINT = ("sd3", "sd3.5")  # with --text-share the record adds one text share per (step, layer, head)
 FAMILIES = tuple(REAL_SHAPES)
 QUICK = dict(sample_size=16, channels=(32, 32, 64, 64), steps=2, repeats=2)
 
@@ -75,6 +75,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="interleaved plain/probe pairs (default 5)")
     parser.add_argument("--batch", type=int, default=1, help="prompts per pipeline call (default 1)")
     parser.add_argument("--guidance", type=float, default=7.5, help="guidance scale (default 7.5)")
+    parser.add_argument(
+        "--text-share",
+        action="store_true",
+        help="SD3: also record the text share (trace(text_share=True): one more kernel call per layer)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny settings for CI smoke runs (< 20 s)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
@@ -180,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def probed() -> np.ndarray:
         observe_s.append(0.0)
-        with memattn.attention.trace.trace(pipe) as tr:
+        with memattn.attention.trace.trace(pipe, text_share=args.text_share) as tr:
             images = generate()
             attention = tr.record.attention  # reading the record (stack + copy to CPU) is part of the cost
         share = tr.record.text_share
@@ -216,7 +221,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     shape, per_image = record["shape"], record["bytes"]
     real = REAL_SHAPES[args.family]
     steps, layers, heads, tokens = real
-    real_bytes = steps * layers * heads * (tokens + (1 if args.family in JOINT else 0)) * 4
+    with_share = args.family in JOINT and args.text_share
+    real_bytes = steps * layers * heads * (tokens + (1 if with_share else 0)) * 4
     results: dict[str, Any] = {
         "command": command,
         "machine": info,
@@ -246,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{statistics.median(shares) * 100:.2f}% of a plain call"
     )
     print(f"max abs image difference, probe vs plain: {max_diff}")
-    share_note = " (+1 text share)" if args.family in JOINT else ""
+    share_note = " (+1 text share)" if with_share else ""
     print(
         f"record size per image: {per_image:,} bytes here ({shape[0]} steps x {shape[1]} layers x "
         f"{shape[3]} heads x {shape[4]} tokens{share_note} x 4 B float32); {args.family} at its real shape: "

@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_probe_overhead_quick_run(tmp_path, family):
     out = tmp_path / "probe.json"
     script = [sys.executable, str(ROOT / "benchmarks" / "probe_overhead.py"), "--family", family, "--quick"]
+    script += ["--text-share"] if family == "sd3" else []
     result = subprocess.run(
         [*script, "--json", str(out)], capture_output=True, text=True, timeout=HANG_GUARD_S
     )

@@ -64,7 +64,7 @@ def t5_eos(prompt: str) -> int:
 def test_tracing_does_not_change_the_images(sd3):
     _, pipe = sd3
     plain = generate(pipe, PROMPTS, [0, 1, 2])
-    record, traced = run(pipe, PROMPTS, [0, 1, 2])
+    record, traced = run(pipe, PROMPTS, [0, 1, 2], trace_kwargs={"text_share": True})
     assert (plain == traced).all()  # the probe calls the same kernel on the same tensors: bit-identical
     assert record.n_steps == 3 and record.n_images == 3  # one step per transformer call (CFG batch)
     assert record.layer_names == ("transformer_blocks.0.attn", "transformer_blocks.1.attn")  # no attn2
@@ -116,7 +116,7 @@ def test_recorded_attention_and_text_share_match_the_joint_softmax(sd3):
 
     handle = module.register_forward_pre_hook(capture, with_kwargs=True)
     try:
-        record, _ = run(pipe, PROMPTS[:2], [0, 1], steps=1)
+        record, _ = run(pipe, PROMPTS[:2], [0, 1], steps=1, trace_kwargs={"text_share": True})
     finally:
         handle.remove()
     assert (module.norm_k is not None) == (kind == "sd3.5")
@@ -167,10 +167,11 @@ def test_scores_on_sd3_records(pipe):
 
 def test_each_image_row_matches_its_prompt_run_alone(pipe):
     prompts, seeds = PROMPTS[:2], [10, 11, 12, 13]
-    batch, _ = run(pipe, prompts, seeds, per_prompt=2)
+    share = {"text_share": True}
+    batch, _ = run(pipe, prompts, seeds, share, per_prompt=2)
     assert batch.layouts[0] == batch.layouts[1] != batch.layouts[2] == batch.layouts[3]
     for image, seed in enumerate(seeds):
-        alone, _ = run(pipe, [prompts[image // 2]], [seed])
+        alone, _ = run(pipe, [prompts[image // 2]], [seed], share)
         torch.testing.assert_close(batch.attention[:, :, image], alone.attention[:, :, 0], atol=1e-5, rtol=0)
         torch.testing.assert_close(
             batch.text_share[:, :, image], alone.text_share[:, :, 0], atol=1e-5, rtol=0
@@ -300,8 +301,39 @@ def test_probe_adds_no_host_synchronisation(pipe):
     assert traced.count == plain.count and tr.record.n_steps == 3
 
 
-def test_the_text_share_can_be_left_out(pipe):
-    record, _ = run(pipe, PROMPTS[:1], [0], steps=1, trace_kwargs={"text_share": False})
+def test_the_text_share_is_opt_in(pipe):
+    record, _ = run(pipe, PROMPTS[:1], [0], steps=1)
     assert record.text_share is None
     with pytest.raises(Exception, match=r"no text share recorded"):
         record.text_share_mean()
+
+
+def test_bench_detect_runs_on_a_saved_sd3(pipe, tmp_path):
+    """`memattn bench detect` on SD3: every score, the BOS share among them (CLIP's BOS), finite."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from memattn.cli import app
+
+    pipe.save_pretrained(tmp_path / "sd3", safe_serialization=True)
+    (tmp_path / "memorized.txt").write_text("a red dog\na photo of a cat\n")
+    (tmp_path / "clean.txt").write_text("a blue car\na house by the river\n")
+    args = [
+        "bench",
+        "detect",
+        "--model",
+        str(tmp_path / "sd3"),
+        "--memorized",
+        str(tmp_path / "memorized.txt"),
+    ]
+    args += ["--clean", str(tmp_path / "clean.txt"), "--seeds", "1", "--steps", "3", "--scheduler", "model"]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    table = {
+        row["score"]: row for row in json.loads((tmp_path / "out" / "detect_bench.json").read_text())["table"]
+    }
+    assert {"score_d", "score_e", "e_layer0", "e_layer1", "bos_share", "wen_step1", "bright_ending"} <= set(
+        table
+    )
+    assert all(0.0 <= row["auc"] <= 1.0 for row in table.values())

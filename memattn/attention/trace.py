@@ -38,7 +38,7 @@ class Trace:
         lengths: Sequence[int] | None = None,
         layouts: Sequence[TokenLayout] | None = None,
         cfg: bool = False,
-        text_share: bool = True,
+        text_share: bool = False,
     ) -> None:
         self.target = target
         self.pipeline, self.model = find_denoiser(target)
@@ -103,7 +103,7 @@ def trace(
     lengths: Sequence[int] | None = None,
     layouts: Sequence[TokenLayout] | None = None,
     cfg: bool = False,
-    text_share: bool = True,
+    text_share: bool = False,
 ) -> Trace:
     """Record cross-attention of a diffusers pipeline or bare UNet inside a ``with`` block.
 
@@ -112,9 +112,9 @@ def trace(
     ``(image, head, query, token)`` maps for those steps/layers (off by default: they are large).
     ``lengths`` gives token counts (BOS and EOS included) per prompt when prompts come as
     ``prompt_embeds``; ``layouts``/``lengths`` and ``cfg`` describe the batch of a bare UNet, whose
-    rows are all conditional unless ``cfg=True``. On a joint-attention model (SD3) ``text_share`` also
-    records how much of the image's joint softmax falls on the text (``record.text_share``; one more
-    fused kernel call per layer: ``text_share=False`` skips it).
+    rows are all conditional unless ``cfg=True``. On a joint-attention model (SD3) ``text_share=True``
+    also records how much of the image's joint softmax falls on the text (``record.text_share``); it
+    costs one more fused kernel call per layer (the image queries against all keys), so it is opt-in.
     """
     return Trace(
         target,
