@@ -138,7 +138,7 @@ def test_prepare_knows_every_method_and_rejects_bad_strengths(sd1_pipe):
 def test_the_registry_owns_each_methods_metadata():
     from memattn.mitigation.registry import METHODS, REGISTRY, get
 
-    assert tuple(REGISTRY) == METHODS and len(METHODS) == 10
+    assert tuple(REGISTRY) == METHODS and len(METHODS) == 11
     for name, method in REGISTRY.items():
         assert method.name == name and method.summary
         assert (method.default_strength is None) == (method.strength_meaning == ""), name

@@ -465,3 +465,48 @@ def test_bf16_pixart_records_float32_with_the_mask_applied():
         assert (rows[..., layout.attended :] == 0).all()
         torch.testing.assert_close(rows.sum(-1), torch.ones_like(rows.sum(-1)), atol=1e-4, rtol=0)
     assert torch.isfinite(memattn.score_d(record)).all()
+
+
+def test_the_dynamic_sink_is_the_edit_with_c_on_pixart(alpha):
+    """Without a BOS, `sink="dynamic"` multiplies the measured sink's logit: the only non-word position
+    PixArt attends to is the EOS, so the first layer call's attention is the one with the EOS key x C."""
+    module: Attention = dict(alpha.transformer.named_modules())["transformer_blocks.0.attn2"]
+    captured = {}
+
+    def capture(mod, args, kwargs):
+        captured.setdefault("hidden", args[0].detach().clone())
+        captured.setdefault("context", kwargs["encoder_hidden_states"].detach().clone())
+
+    handle = module.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        with memattn.mitigate(alpha, c=2.0, sink="dynamic"), memattn.trace(alpha) as tr:
+            edited = generate(alpha, PROMPTS[:2], [0, 1], steps=1)
+    finally:
+        handle.remove()
+    assert np.abs(edited - generate(alpha, PROMPTS[:2], [0, 1], steps=1)).max() > 1e-4
+    query = module.head_to_batch_dim(module.to_q(captured["hidden"]))
+    key = module.head_to_batch_dim(module.to_k(captured["context"]))
+    batch = captured["context"].shape[0]
+    query = query.view(batch, module.heads, *query.shape[1:])[batch // 2 :]
+    key = key.view(batch, module.heads, *key.shape[1:])[batch // 2 :]
+    for image, layout in enumerate(tr.record.layouts):
+        visible = key[image, :, : layout.attended].clone()
+        visible[:, layout.eos_index] *= 2.0
+        expected = (query[image] @ visible.transpose(-1, -2) * module.scale).softmax(-1).mean(dim=1)
+        torch.testing.assert_close(
+            tr.record.attention[0, 0, image, :, : layout.attended], expected.detach(), atol=1e-5, rtol=1e-4
+        )
+    guard = memattn.Guard(alpha, threshold=0.0, mitigation={"sink": "dynamic"})  # c = 1.25 is accepted
+    assert guard.edit.c == 1.25 and guard.edit.sink == "dynamic"
+
+
+def test_dynamic_sink_settings_are_checked():
+    from memattn.attention.edit import AttentionEdit
+    from memattn.errors import MemattnError
+
+    with pytest.raises(MemattnError, match=r"sink must be one of bos, dynamic, got 'top'"):
+        AttentionEdit(sink="top")
+    with pytest.raises(MemattnError, match=r"sink_k must be an integer >= 1, got 0"):
+        AttentionEdit(sink="dynamic", sink_k=0)
+    with pytest.raises(LayoutError, match=r"or memattn\.mitigate\(pipe, sink='dynamic'\) to multiply"):
+        memattn.mitigate(tiny_pixart_pipeline("alpha"))

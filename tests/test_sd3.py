@@ -337,3 +337,36 @@ def test_bench_detect_runs_on_a_saved_sd3(pipe, tmp_path):
         table
     )
     assert all(0.0 <= row["auc"] <= 1.0 for row in table.values())
+
+
+def test_the_dynamic_sink_scales_the_measured_top_non_word_recipient(pipe):
+    """Recompute the first layer call by hand: the sink is the non-word position (BOS, EOS, padding of
+    either sequence) with the most unedited attention, and only its logit is multiplied by C."""
+    module: Attention = dict(pipe.transformer.named_modules())["transformer_blocks.0.attn"]
+    captured = {}
+
+    def capture(mod, args, kwargs):
+        captured.setdefault("hidden", kwargs["hidden_states"].detach().clone())
+        captured.setdefault("context", kwargs["encoder_hidden_states"].detach().clone())
+
+    handle = module.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        with memattn.mitigate(pipe, c=2.0, mask_padding=False, sink="dynamic"), memattn.trace(pipe) as tr:
+            edited = generate(pipe, PROMPTS[:2], [0, 1], steps=1)
+    finally:
+        handle.remove()
+    assert np.abs(edited - generate(pipe, PROMPTS[:2], [0, 1], steps=1)).max() > 1e-4
+
+    def heads(x):
+        return x.view(x.shape[0], -1, module.heads, x.shape[-1] // module.heads).transpose(1, 2)
+
+    query = heads(module.to_q(captured["hidden"]))[2:]  # conditional rows
+    key = heads(module.add_k_proj(captured["context"]))[2:]
+    mass = (query @ key.transpose(-1, -2) / query.shape[-1] ** 0.5).softmax(-1).mean(dim=(1, 2))
+    for image, layout in enumerate(tr.record.layouts):
+        candidates = [p for p in range(layout.width) if p not in layout.prompt_positions]
+        sink = candidates[int(mass[image, candidates].argmax())]
+        scaled = key[image].clone()
+        scaled[:, sink] *= 2.0
+        expected = (query[image] @ scaled.transpose(-1, -2) / query.shape[-1] ** 0.5).softmax(-1).mean(dim=1)
+        torch.testing.assert_close(tr.record.attention[0, 0, image], expected.detach(), atol=1e-5, rtol=1e-4)

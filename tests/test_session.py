@@ -76,7 +76,7 @@ class _Scale(Listener):
     def __init__(self, factor: float, seen: list) -> None:
         self.factor, self.seen = factor, seen
 
-    def edit(self, session, layer, key, mask):
+    def edit(self, session, layer, query, key, mask):
         self.seen.append((self.factor, float(key.abs().sum())))
         return key * self.factor, mask
 

@@ -7,6 +7,15 @@ prompt and one image; here every conditional row uses its own prompt's layout, s
 different lengths, ``num_images_per_prompt > 1`` and runs without CFG are all correct. The official
 code also masks the unconditional branch to the conditional prompt's length: ``mask_uncond=True``.
 
+**The sink.** The paper strengthens BOS, SD's attention sink. ``sink="dynamic"`` strengthens the
+model's *measured* sink instead, for models without a BOS (T5: PixArt) or whose sink is not BOS: at
+every edited layer call, the ``sink_k`` non-word positions (BOS, EOS, visible padding) that receive the
+most attention from the conditional rows' image queries in that call's *unedited* logits (mean over
+queries and heads) get their logit multiplied by ``C``, and stay visible when the padding is masked.
+Prompt words are never candidates: the word that takes the most attention is a trigger candidate,
+which the paper's edit moves attention away from. The ranking costs one ``QKᵀ`` over the text keys per
+edited layer call (as the recorder does), on the device, with no host synchronisation.
+
 ``S₀ = q·k₀/√d`` is linear in the BOS key, so ``C·S₀`` is obtained by scaling the BOS key ``k₀`` of the
 edited rows by ``C``; the masks are an additive bias of shape ``(batch, 1, 1, tokens)`` that broadcasts
 over heads and queries. Both go to the same fused attention kernel as the unedited layer: no extra
@@ -22,26 +31,43 @@ import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from memattn.attention.session import AttentionSession, Listener
-from memattn.attention.tokens import TokenLayout
+from memattn.attention.tokens import TokenLayout, adds_bos
 from memattn.errors import LayoutError, MemattnError
 
 PAPER_C = 1.25  # Ren et al.'s BOS logit factor: the one place it is written
 
 
 MASK_EOS_INSTEAD = "memattn.mitigate(pipe, c=1.0, mask_padding=True, mask_eos=True)"
+DYNAMIC_INSTEAD = "memattn.mitigate(pipe, sink='dynamic')"
+SINKS = ("bos", "dynamic")
 
 
-def no_bos_message(c: float, owner: str = "this model", alternative: str = MASK_EOS_INSTEAD) -> str:
+def no_bos_message(
+    c: float,
+    owner: str = "this model",
+    alternative: str = MASK_EOS_INSTEAD,
+    dynamic: str = DYNAMIC_INSTEAD,
+) -> str:
     """The one line for a BOS edit asked of a model whose tokenizer adds no BOS (T5: PixArt)."""
     return (
         f"{owner} has no BOS token (its T5 tokenizer starts with the first prompt word), so there is no "
         f"BOS logit to multiply by c={c:g}; use {alternative} to mask the EOS instead (the pipeline "
-        "already masks the padding)"
+        f"already masks the padding), or {dynamic} to multiply the logit of its measured sink"
     )
+
+
+def check_sink(
+    edit: AttentionEdit, pipeline: Any, alternative: str = MASK_EOS_INSTEAD, dynamic: str = DYNAMIC_INSTEAD
+) -> None:
+    """Refuse the literal BOS edit (``c != 1``, ``sink="bos"``) on a pipeline whose tokenizer adds no BOS."""
+    tokenizer = getattr(pipeline, "tokenizer", None)
+    if edit.c != 1.0 and edit.sink == "bos" and tokenizer is not None and not adds_bos(tokenizer):
+        raise LayoutError(no_bos_message(edit.c, type(pipeline).__name__, alternative, dynamic))
 
 
 @dataclass(frozen=True)
@@ -56,8 +82,14 @@ class AttentionEdit:
     prompt_penalty: float = 0.0  # subtract this from the prompt words' logits (a soft mask_prompt)
     at_steps: tuple[int, ...] | None = None  # None: every step
     layers: tuple[int, ...] | None = None  # indices in forward order; None: every cross-attention layer
+    sink: str = "bos"  # "bos": the paper's; "dynamic": the measured top non-word recipients (see above)
+    sink_k: int = 1  # how many recipients the dynamic sink scales
 
     def __post_init__(self) -> None:
+        if self.sink not in SINKS:
+            raise MemattnError(f"sink must be one of {', '.join(SINKS)}, got {self.sink!r}")
+        if isinstance(self.sink_k, bool) or not isinstance(self.sink_k, int) or self.sink_k < 1:
+            raise MemattnError(f"sink_k must be an integer >= 1, got {self.sink_k!r}")
         if not isinstance(self.c, int | float) or not math.isfinite(self.c) or self.c <= 0:
             raise MemattnError(
                 f"C must be a finite number > 0 (the BOS logit is multiplied by it), got {self.c}"
@@ -96,6 +128,8 @@ class AttentionEdit:
         cond_rows: slice,
         layouts: Sequence[TokenLayout] | None,
         rows_mask: torch.Tensor | None = None,
+        query: torch.Tensor | None = None,
+        model_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(key, bias)`` to hand to the attention kernel instead of the layer's own key.
 
@@ -103,7 +137,8 @@ class AttentionEdit:
         conditional row multiplied by ``C``. ``bias`` is an additive ``(batch, 1, 1, tokens)`` logit bias
         in the key's dtype (``-inf`` on masked tokens, ``-prompt_penalty`` on prompt words), or ``None``
         when nothing is masked. ``rows_mask`` (bool per conditional row) limits the edit to some images
-        (the guard).
+        (the guard). ``query`` (the layer's image queries) and ``model_mask`` (its own additive mask) are
+        what the dynamic sink ranks the recipients with.
         """
         batch, _, n_tokens, _ = key.shape
         n_cond = cond_rows.stop - cond_rows.start
@@ -118,10 +153,32 @@ class AttentionEdit:
                 f"{layouts[0].width} positions; describe the prompts with layouts of the length "
                 "the pipeline encodes"
             )
-        if self.c != 1.0 and not all(layout.has_bos for layout in layouts):
+        if self.c != 1.0 and self.sink == "bos" and not all(layout.has_bos for layout in layouts):
             raise LayoutError(no_bos_message(self.c))
         rows = None if rows_mask is None else rows_mask.to(key.device)
-        if self.c != 1.0:  # one copy of the key (the layer's own stays untouched), then C on BOS in place
+        segments = tuple(layout.segments for layout in layouts)
+        sinks = None
+        if self.sink == "dynamic":
+            if query is None:
+                raise MemattnError(
+                    "the dynamic sink ranks recipients by the layer's queries; none were given"
+                )
+            attendable = _attendable(
+                tuple(len(layout.attendable_span) for layout in layouts), n_tokens, key.device
+            )
+            _, words = _token_masks(segments, n_tokens, False, False, False, key.device)
+            sinks = measured_sinks(
+                query[cond_rows],
+                key[cond_rows],
+                None if model_mask is None else model_mask[cond_rows],
+                attendable & ~words,
+                self.sink_k,
+            )
+            if self.c != 1.0:
+                factor = torch.where(sinks if rows is None else sinks & rows[:, None], self.c, 1.0)
+                key = key.clone()
+                key[cond_rows] *= factor.to(key.dtype)[:, None, :, None]
+        elif self.c != 1.0:  # one copy of the key (the layer's own stays untouched), then C on BOS in place
             key = key.clone()
             bos = key[cond_rows, :, :1]
             if rows is None:
@@ -130,12 +187,13 @@ class AttentionEdit:
                 bos *= torch.where(rows, self.c, 1.0).to(key.dtype)[:, None, None, None]
         if not (self.mask_padding or self.mask_prompt or self.prompt_penalty):
             return key, None
-        segments = tuple(layout.segments for layout in layouts)
         if self.mask_eos or self.mask_prompt:
             _check_something_visible(layouts, self.mask_eos, self.mask_prompt)
         hidden, prompt_words = _token_masks(
             segments, n_tokens, self.mask_padding, self.mask_eos, self.mask_prompt, key.device
         )
+        if sinks is not None:
+            hidden = hidden & ~sinks  # a measured sink stays visible
         if rows is not None:
             hidden, prompt_words = hidden & rows[:, None], prompt_words & rows[:, None]
         bias = torch.zeros(batch, 1, 1, n_tokens, dtype=key.dtype, device=key.device)
@@ -161,6 +219,33 @@ def _check_something_visible(layouts: Sequence[TokenLayout], mask_eos: bool, mas
                 f"conditional row {row} would attend to no text token: it has no BOS, no visible prompt "
                 "word and its EOS is masked; leave mask_eos (or mask_prompt) off for it"
             )
+
+
+@torch.no_grad()
+def measured_sinks(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    model_mask: torch.Tensor | None,
+    candidates: torch.Tensor,
+    k: int,
+) -> torch.Tensor:
+    """``[row, token]`` bool: each row's ``k`` candidate positions with the most attention (mean over heads
+    and queries of the unedited softmax, the model's own mask applied). All on the device."""
+    logits = (query.float() * query.shape[-1] ** -0.5) @ key.float().transpose(-1, -2)
+    if model_mask is not None:
+        logits = logits + model_mask.float()
+    mass = logits.softmax(dim=-1).mean(dim=(1, 2))  # [row, token]
+    mass = mass.masked_fill(~candidates, -1.0)
+    top = mass.topk(min(k, mass.shape[-1]), dim=-1).indices
+    chosen = torch.zeros_like(candidates)
+    chosen.scatter_(1, top, True)
+    return chosen & candidates
+
+
+@functools.lru_cache(maxsize=256)
+def _attendable(counts: tuple[int, ...], n_tokens: int, device: torch.device) -> torch.Tensor:
+    """``[row, token]`` bool: the leading positions each row's own mask lets through (all without one)."""
+    return (torch.arange(n_tokens)[None, :] < torch.tensor(counts)[:, None]).to(device)
 
 
 @functools.lru_cache(maxsize=256)
@@ -212,13 +297,19 @@ class EditListener(Listener):
                 self.edit_settings.check_schedule(length)
 
     def edit(
-        self, session: AttentionSession, layer: int, key: torch.Tensor, mask: torch.Tensor | None
+        self,
+        session: AttentionSession,
+        layer: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         edit = self.edit_settings
         if edit.is_noop or not edit.active(session.step, layer):
             return key, mask
         call = session.call
-        key, bias = edit.apply(key, session.cond_rows, None if call is None else call.layouts, self.rows)
+        layouts = None if call is None else call.layouts
+        key, bias = edit.apply(key, session.cond_rows, layouts, self.rows, query=query, model_mask=mask)
         return key, mask if bias is None else merge_masks(bias, mask)
 
 

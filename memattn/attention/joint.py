@@ -76,7 +76,7 @@ class JointAttentionProbe:
 
             session = self.session
             if session.editors:
-                text_key, mask = session.edit(self.layer, text_key, None)
+                text_key, mask = session.edit(self.layer, query, text_key, None)
             if session.readers:
                 session.observe(self.layer, query, text_key, mask)
             image_query = query

@@ -71,7 +71,7 @@ class CrossAttentionProbe:
 
         session = self.session
         if session.editors:
-            key, attention_mask = session.edit(self.layer, key, attention_mask)
+            key, attention_mask = session.edit(self.layer, query, key, attention_mask)
         if session.readers:
             session.observe(self.layer, query, key, attention_mask)
 

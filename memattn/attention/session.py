@@ -117,8 +117,14 @@ class Listener:
         """A UNet call begins: ``session.call``, ``session.step``, ``session.cond_rows`` are set."""
 
     def edit(
-        self, session: AttentionSession, layer: int, key: torch.Tensor, mask: torch.Tensor | None
+        self,
+        session: AttentionSession,
+        layer: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Change the text keys and additive mask of one layer call (``query``: its image queries)."""
         return key, mask
 
     def observe(
@@ -412,10 +418,10 @@ class AttentionSession:
             listener.on_step(self)
 
     def edit(
-        self, layer: int, key: torch.Tensor, mask: torch.Tensor | None
+        self, layer: int, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         for listener in self.editors:
-            key, mask = listener.edit(self, layer, key, mask)
+            key, mask = listener.edit(self, layer, query, key, mask)
         return key, mask
 
     def observe(self, layer: int, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> None:

@@ -12,11 +12,10 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from memattn.attention.edit import PAPER_C, AttentionEdit, EditListener, as_indices, no_bos_message
+from memattn.attention.edit import PAPER_C, AttentionEdit, EditListener, as_indices, check_sink
 from memattn.attention.layers import cross_attention_layers, find_denoiser, resolve_layer
 from memattn.attention.session import AttentionSession, BatchDescription
-from memattn.attention.tokens import adds_bos
-from memattn.errors import LayoutError, MemattnError
+from memattn.errors import MemattnError
 
 
 class Mitigation:
@@ -33,9 +32,7 @@ class Mitigation:
     ) -> None:
         self.target = target
         pipeline, model = find_denoiser(target)
-        tokenizer = getattr(pipeline, "tokenizer", None)
-        if edit.c != 1.0 and tokenizer is not None and not adds_bos(tokenizer):  # T5 (PixArt)
-            raise LayoutError(no_bos_message(edit.c, type(pipeline).__name__))
+        check_sink(edit, pipeline)
         names = [name for name, _ in cross_attention_layers(model)]
         if layers is not None:  # names or indices: the one layer rule
             edit = replace(edit, layers=tuple(resolve_layer(names, layer) for layer in layers))
@@ -75,6 +72,8 @@ def mitigate(
     layers: Sequence[int | str] | None = None,
     lengths: Sequence[int] | None = None,
     cfg: bool = False,
+    sink: str = "bos",
+    sink_k: int = 1,
 ) -> Mitigation:
     """Edit cross-attention as Ren et al. (ECCV 2024): ``with mitigate(pipe): pipe(...)``.
 
@@ -87,7 +86,10 @@ def mitigate(
     ``prompt_penalty`` subtracts a constant from the prompt words' logits (a soft version of it).
     ``lengths`` gives token counts per prompt when the pipeline is called with ``prompt_embeds``; on a
     bare UNet it describes the conditional rows, and ``cfg=True`` says the batch is ``[uncond, cond]``
-    (as for ``memattn.trace``; a pipeline sets both itself).
+    (as for ``memattn.trace``; a pipeline sets both itself). ``sink="dynamic"`` multiplies by ``c`` the
+    logits of the ``sink_k`` non-word positions that take the most attention in each layer call's
+    unedited logits (the model's measured sink) instead of BOS: the edit for models without a BOS
+    (docs/models.md). The default stays the paper's BOS, the one validated on Stable Diffusion.
     """
     edit = AttentionEdit(
         c=float(c) if isinstance(c, int | float) else c,
@@ -97,5 +99,7 @@ def mitigate(
         mask_prompt=mask_prompt,
         prompt_penalty=float(prompt_penalty),
         at_steps=as_indices(at_steps),
+        sink=sink,
+        sink_k=sink_k,
     )
     return Mitigation(target, edit, layers=layers, lengths=lengths, cfg=cfg)

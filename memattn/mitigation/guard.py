@@ -26,15 +26,14 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from memattn.attention.edit import PAPER_C, AttentionEdit, EditListener, no_bos_message
+from memattn.attention.edit import PAPER_C, AttentionEdit, EditListener, check_sink
 from memattn.attention.layers import parse_layer
 from memattn.attention.patch import patched
 from memattn.attention.recorder import Recorder
 from memattn.attention.session import AttentionSession
-from memattn.attention.tokens import adds_bos
 from memattn.detection.baselines import NoiseDifference
 from memattn.detection.step1 import Step1, check_kind, score_step1, step_end_kwargs
-from memattn.errors import LayoutError, MemattnError
+from memattn.errors import MemattnError
 from memattn.mitigation.cross_attention import Mitigation
 
 CALIBRATION_FILE = "memattn_guard.json"
@@ -213,10 +212,8 @@ class Guard:
         if {"steps", "at_steps"} & set(mitigation or {}):
             raise MemattnError("the guard decides the steps itself; give mitigation settings without steps")
         self.edit = AttentionEdit(**{"c": PAPER_C, **(mitigation or {})})
-        tokenizer = getattr(pipe, "tokenizer", None)
-        if self.edit.c != 1.0 and tokenizer is not None and not adds_bos(tokenizer):  # T5 (PixArt)
-            alternative = 'Guard(pipe, mitigation={"c": 1.0, "mask_eos": True})'
-            raise LayoutError(no_bos_message(self.edit.c, type(pipe).__name__, alternative))
+        alternative = 'Guard(pipe, mitigation={"c": 1.0, "mask_eos": True})'
+        check_sink(self.edit, pipe, alternative, dynamic='Guard(pipe, mitigation={"sink": "dynamic"})')
         if threshold is None:
             path = calibration or calibration_path(pipe)
             if path is None or not Path(path).is_file():

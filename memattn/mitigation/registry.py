@@ -9,6 +9,7 @@ whether it needs classifier-free guidance): adding a method is adding one entry.
 |---|---|---|
 | ``none`` | – | plain generation |
 | ``ren2024`` | C (1.25) | the paper's attention edit: padding masked, BOS logit × C (``memattn.mitigate``) |
+| ``dynamic-sink`` | C (1.25) | the same with the model's measured sink (top non-word recipient) × C |
 | ``rta`` / ``rna`` | inserted words / numbers (4) | Somepalli et al. prompt augmentation |
 | ``gni`` | λ (0.1) | Somepalli et al. Gaussian noise on the text embeddings |
 | ``wen`` | target noise norm (3.0) | Wen et al. prompt-embedding optimisation at the first step |
@@ -125,6 +126,14 @@ REGISTRY: dict[str, Method] = {
             PAPER_C,
             "C, the BOS logit factor",
             summary="the paper's attention edit: padding masked, BOS logit x C (memattn.mitigate)",
+        ),
+        Method(
+            "dynamic-sink",
+            _in_context(lambda pipe, value, seed, steps: mitigate(pipe, c=value, sink="dynamic")),
+            PAPER_C,
+            "C, the sink's logit factor",
+            summary="the paper's edit with the measured sink: padding masked, the top non-word "
+            "recipient's logit x C (models without BOS: PixArt)",
         ),
         Method(
             "rta", _augmented("rta"), 4, "inserted words", summary="Somepalli et al.: random token addition"
